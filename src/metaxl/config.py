@@ -1,0 +1,194 @@
+"""Typed training configuration.
+
+Every field is also a ``metaxl train`` flag (``--source-size 1000`` sets ``source_size``) and a key
+of the YAML config file. Precedence: defaults < YAML file < command-line flags.
+
+>>> from metaxl.config import TrainConfig
+>>> cfg = TrainConfig(target="masakhaner2:luo", source="masakhaner2:en", method="metaxl")
+>>> cfg.rtn_layers
+[12]
+>>> cfg.validate()            # raises ConfigError on a bad value
+>>> TrainConfig.from_dict({"target": "nusax:balinese", "method": "jt", "epochs": 3}).epochs
+3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("target-only", "jt", "jt-rtn", "metaxl")
+HYPERGRADS = ("exact", "finite-difference")
+META_BATCH = ("split", "separate")
+RTN_VARIANTS = ("plain", "gated")
+TASKS = ("auto", "ner", "sa")
+SA_LABELS = ("binary", "3way", "all")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    target: str = "masakhaner2:luo"
+    """Target data set: a name (masakhaner2:luo, nusax:balinese, wikiann:qu) or a folder/file."""
+    source: list[str] = field(default_factory=lambda: ["masakhaner2:en"])
+    """Source data set(s). Several give multi-source training (one RTN per source or shared)."""
+    data_dir: str | None = None
+    """Folder holding local corpora (default: $METAXL_DATA, then ./data, then ../shared/data)."""
+    task: str = "auto"
+    """ner, sa, or auto (from the data set)."""
+    sa_labels: str = "binary"
+    """Sentiment label scheme: binary (neutral dropped, as the paper), 3way, or all."""
+    target_size: int | None = 100
+    """Target training examples, sampled with data_seed (None: all)."""
+    source_size: int | None = 1000
+    """Source training examples per source, sampled with data_seed (None: all)."""
+    dev_size: int | None = None
+    """Cap on dev examples (None: all)."""
+    test_size: int | None = None
+    """Cap on test examples (None: all)."""
+    max_length: int = 128
+    # --- model ---
+    model: str = "default"
+    """default (offline multilingual-e5-small), a local checkpoint folder, or a hub name."""
+    # --- method ---
+    method: str = "metaxl"
+    rtn_layers: list[int] = field(default_factory=lambda: [12])
+    """Insert an RTN after these layers (0 = embeddings, N = last layer); -1 means the last."""
+    rtn_variant: str = "plain"
+    rtn_hidden: int = 192
+    rtn_per_source: bool = False
+    """With several sources: one RTN per source language (True) or one shared RTN (False)."""
+    hypergrad: str = "exact"
+    """exact (second-order through the virtual step) or finite-difference (DARTS)."""
+    fd_epsilon: float = 0.01
+    """finite-difference radius, divided by ||g'|| as in DARTS."""
+    meta_batch: str = "split"
+    """split: half of each target batch is the meta batch (official code); separate: draw one."""
+    inner_lr: float | None = None
+    """Virtual-step lr; None uses the current main lr (as the official code)."""
+    virtual_from_layer: int = 0
+    """Only parameters of layers >= this take the virtual step (0: all, exact)."""
+    # --- optimisation ---
+    epochs: int = 20
+    batch_size: int = 10
+    target_batch_size: int | None = None
+    """Target batch size (None: batch_size)."""
+    lr: float = 3e-5
+    meta_lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    max_grad_norm: float = 10.0
+    backoff_epochs: int = 0
+    """After MetaXL training, fine-tune this many epochs on JT data (paper sec. 4.6)."""
+    # --- run ---
+    seed: int = 11
+    data_seed: int = 42
+    device: str = "auto"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    eval_batch_size: int = 64
+    output_dir: str = "runs/metaxl"
+    save_checkpoint: bool = True
+    progress: bool = True
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> TrainConfig:
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.field_names())}"
+            )
+        data = dict(data)
+        if isinstance(data.get("source"), str):
+            data["source"] = parse_list(data["source"])
+        if data.get("source") is None:
+            data["source"] = []
+        if isinstance(data.get("rtn_layers"), (str, int)):
+            data["rtn_layers"] = [int(x) for x in parse_list(str(data["rtn_layers"]))]
+        cfg = cls(**data)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        return cls.from_dict(data, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+
+        one_of("method", self.method, METHODS)
+        one_of("hypergrad", self.hypergrad, HYPERGRADS)
+        one_of("meta_batch", self.meta_batch, META_BATCH)
+        one_of("rtn_variant", self.rtn_variant, RTN_VARIANTS)
+        one_of("task", self.task, TASKS)
+        one_of("sa_labels", self.sa_labels, SA_LABELS)
+        one_of("precision", self.precision, PRECISIONS)
+        if self.method != "target-only" and not self.source:
+            raise ConfigError(f"method {self.method!r} needs at least one --source data set")
+        if self.method in ("jt-rtn", "metaxl") and not self.rtn_layers:
+            raise ConfigError(f"method {self.method!r} needs at least one RTN layer (--rtn-layers 12)")
+        for name in ("epochs", "batch_size", "rtn_hidden", "max_length", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("target_size", "source_size", "dev_size", "test_size", "target_batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be >= 1 (or omitted for all), got {v}")
+        if self.method == "metaxl" and self.meta_batch == "split" and self.tgt_batch_size < 2:
+            raise ConfigError("meta_batch=split needs a target batch of at least 2 (half trains, half is meta)")
+        if self.lr <= 0 or self.meta_lr < 0:
+            raise ConfigError(f"lr must be > 0 and meta_lr >= 0, got lr={self.lr} meta_lr={self.meta_lr}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup is a fraction of the training steps in [0, 1), got {self.warmup}")
+        if self.backoff_epochs < 0:
+            raise ConfigError(f"backoff_epochs must be >= 0, got {self.backoff_epochs}")
+        if self.backoff_epochs and self.method != "metaxl":
+            raise ConfigError("backoff_epochs only applies to method=metaxl")
+        if self.inner_lr is not None and self.inner_lr < 0:
+            raise ConfigError(f"inner_lr must be >= 0, got {self.inner_lr}")
+        if self.fd_epsilon <= 0:
+            raise ConfigError(f"fd_epsilon must be > 0, got {self.fd_epsilon}")
+
+    @property
+    def tgt_batch_size(self) -> int:
+        return self.target_batch_size or self.batch_size
+
+
+def parse_list(text: str) -> list[str]:
+    """Split ``"a,b, c"`` into ``["a", "b", "c"]``.
+
+    >>> parse_list("0,12")
+    ['0', '12']
+    """
+    return [part.strip() for part in str(text).split(",") if part.strip()]
