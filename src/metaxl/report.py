@@ -1,0 +1,936 @@
+"""Paper-style tables, paired significance tests and bar charts from a folder of runs.
+
+Everything is recomputed from the ``results.json`` files under the runs folder (see
+docs/design.md for their schema): rows are settings (``target only``, ``JT (en)``,
+``MetaXL (related)``...), columns the target languages and ``avg``, cells mean ± std over seeds.
+
+>>> from metaxl.report import make_report
+>>> result = make_report("runs/ner_masakhaner")          # doctest: +SKIP
+>>> print(result.markdown_path)                          # doctest: +SKIP
+runs/ner_masakhaner/report/report.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .errors import MetaXLError
+from .sweep import (
+    FAILED_MARKER,
+    META_KEYS,
+    RTN_KEYS,
+    effective_config,
+    infer_task,
+    key_matters,
+    read_failed_marker,
+)
+
+__all__ = [
+    "RunRecord",
+    "Cell",
+    "Row",
+    "Table",
+    "Comparison",
+    "ReportResult",
+    "collect_runs",
+    "cell_stats",
+    "paired_stats",
+    "build_tables",
+    "paired_comparisons",
+    "make_report",
+    "register_cli",
+    "main",
+]
+
+METHOD_NAMES = {"target-only": "target only", "jt": "JT", "jt-rtn": "JT+RTN", "metaxl": "MetaXL"}
+METHOD_ORDER = {"target-only": 0, "jt": 1, "jt-rtn": 2, "metaxl": 3}
+# Keys that never define a setting (run bookkeeping) or are table / row / column keys already.
+_NOT_SETTING = {
+    "target",
+    "source",
+    "seed",
+    "method",
+    "task",
+    "sa_labels",
+    "source_size",
+    "output_dir",
+    "data_dir",
+    "device",
+    "progress",
+    "save_checkpoint",
+    "eval_batch_size",
+    "gradient_checkpointing",
+}
+RelatedFn = Callable[[str], Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RunRecord:
+    """One run folder: status 'finished' | 'unfinished' | 'failed' | 'unreadable'."""
+
+    rel: str
+    status: str
+    results: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _config_of(results: dict[str, Any]) -> dict[str, Any]:
+    cfg = results.get("config")
+    if not isinstance(cfg, dict):
+        cfg = {}
+        for key in ("method", "target", "source", "seed", "source_size", "target_size", "rtn_layers", "task"):
+            if key in results:
+                cfg[key] = results[key]
+    cfg = {k: v for k, v in cfg.items() if k in TrainConfig.field_names()}
+    if isinstance(cfg.get("source"), str):
+        cfg["source"] = [cfg["source"]]
+    eff = effective_config(cfg)
+    if results.get("task") in ("ner", "sa"):
+        eff["task"] = results["task"]
+    return eff
+
+
+def collect_runs(runs_dir: str | Path, skip: Sequence[str | Path] = ()) -> list[RunRecord]:
+    """Find run folders (holding results.json, config.yaml or FAILED) under ``runs_dir``.
+
+    >>> [r.status for r in collect_runs("runs/ner_masakhaner")][:2]   # doctest: +SKIP
+    ['finished', 'failed']
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise MetaXLError(
+            f"runs folder not found: {root}; give the --runs-dir of a sweep or a folder of runs"
+        )
+    skip_abs = {Path(s).resolve() for s in skip}
+    records: list[RunRecord] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = sorted(
+            n for n in dirnames if not n.startswith(".") and (d / n).resolve() not in skip_abs
+        )
+        names = set(filenames)
+        if not names & {"results.json", "config.yaml", FAILED_MARKER}:
+            continue
+        dirnames[:] = []  # a run folder: do not descend into checkpoint/ etc.
+        rel = d.relative_to(root).as_posix()
+        results: dict[str, Any] | None = None
+        if "results.json" in names:
+            try:
+                loaded = json.loads((d / "results.json").read_text())
+            except (OSError, ValueError) as e:
+                records.append(RunRecord(rel, "unreadable", reason=f"results.json: {e}"))
+                continue
+            if not isinstance(loaded, dict):
+                records.append(RunRecord(rel, "unreadable", reason="results.json is not a JSON object"))
+                continue
+            results = loaded
+        status = results.get("status") if results else None
+        if results is not None and status == "finished":
+            records.append(RunRecord(rel, "finished", results, _config_of(results)))
+        elif FAILED_MARKER in names or status == "failed":
+            info = read_failed_marker(d / FAILED_MARKER) if FAILED_MARKER in names else {}
+            reason = info.get("reason") or str((results or {}).get("error") or "results.json status 'failed'")
+            if info.get("exit_code") not in (None, "None"):
+                reason = f"exit code {info['exit_code']}: {reason}"
+            records.append(RunRecord(rel, "failed", results, _config_of(results) if results else {}, reason))
+        else:
+            why = f"status {status!r}" if results else "no results.json yet"
+            records.append(RunRecord(rel, "unfinished", results, _config_of(results) if results else {}, why))
+    records.sort(key=lambda r: r.rel)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """mean ± std (ddof=1; NaN when n < 2) of one setting on one target over seeds."""
+
+    mean: float
+    std: float
+    n: int
+    values: list[float] = field(default_factory=list)
+    partial: bool = False
+    """For 'avg': some of the table's targets are missing from this row."""
+
+
+def cell_stats(values: Sequence[float]) -> Cell:
+    """Mean and sample standard deviation.
+
+    >>> c = cell_stats([50.0, 52.0, 54.0])
+    >>> (c.mean, c.std, c.n)
+    (52.0, 2.0, 3)
+    """
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return Cell(math.nan, math.nan, 0, [])
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n >= 2 else math.nan
+    return Cell(mean, std, n, vals)
+
+
+@dataclass
+class PairedStats:
+    n: int
+    mean: float
+    ci_low: float
+    ci_high: float
+    wins: int
+    losses: int
+    ties: int
+    t_p: float
+    wilcoxon_p: float
+
+
+def paired_stats(a: Sequence[float], b: Sequence[float]) -> PairedStats:
+    """Paired comparison of ``a - b``: mean, 95% t interval, wins/losses/ties, t-test and Wilcoxon p.
+
+    >>> s = paired_stats([62.0, 60.0, 65.0], [60.0, 59.0, 61.0])
+    >>> (s.n, s.mean, s.wins, s.losses)
+    (3, 2.3333333333333335, 3, 0)
+    """
+    from scipy import stats
+
+    if len(a) != len(b):
+        raise ValueError("paired samples must have the same length")
+    d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    n = len(d)
+    mean = sum(d) / n if n else math.nan
+    wins = sum(1 for x in d if x > 0)
+    losses = sum(1 for x in d if x < 0)
+    ties = n - wins - losses
+    lo = hi = t_p = w_p = math.nan
+    if n >= 2:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+        lo, hi = mean - half, mean + half
+        if sd > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t_p = float(stats.ttest_rel(list(map(float, a)), list(map(float, b))).pvalue)
+    if any(x != 0 for x in d):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                w_p = float(stats.wilcoxon(d).pvalue)
+            except ValueError:
+                w_p = math.nan
+    return PairedStats(n, mean, lo, hi, wins, losses, ties, t_p, w_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings, tables, comparisons
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    rel: str
+    task: str
+    variant: str
+    source_size: int | None
+    method: str
+    kind: str
+    extras: tuple[tuple[str, Any], ...]
+    target: str
+    seed: int
+    value: float
+    shared: str  # pairing key: config without method-specific keys
+
+
+@dataclass
+class Row:
+    label: str
+    method: str
+    kind: str
+    cells: dict[str, Cell]
+    avg: Cell
+
+
+@dataclass
+class Table:
+    """One paper-style table: rows = settings, columns = targets + avg."""
+
+    title: str
+    slug: str
+    task: str
+    variant: str
+    source_size: int | None
+    targets: list[str]
+    """Target specs, in column order."""
+    columns: list[str]
+    """Column labels (short target names)."""
+    rows: list[Row]
+
+    @property
+    def uniform_n(self) -> bool:
+        ns = {c.n for r in self.rows for c in r.cells.values()}
+        return len(ns) <= 1
+
+
+@dataclass
+class Comparison:
+    """MetaXL vs JT over (target, seed) pairs of one table and source kind."""
+
+    table: str
+    kind: str
+    treatment: str
+    control: str
+    stats: PairedStats
+    pairs: list[tuple[str, int, float, float]]  # (target, seed, metaxl, jt)
+
+
+def _fmt_value(key: str, value: Any) -> str:
+    if key == "rtn_layers" and isinstance(value, list):
+        return "L" + "+".join(str(v) for v in value)
+    if key == "hypergrad":
+        return "FD" if value == "finite-difference" else "exact"
+    if isinstance(value, float):
+        return f"{key}={value:g}"
+    return f"{key}={value}"
+
+
+def _short(spec: str) -> str:
+    spec = str(spec)
+    if "/" in spec or "\\" in spec:
+        return Path(spec.rstrip("/\\")).name or spec
+    return spec.rsplit(":", 1)[-1]
+
+
+def _default_related() -> RelatedFn | None:
+    try:
+        from .data import related_source
+    except ImportError:
+        return None
+    return related_source
+
+
+def _default_canonical() -> Callable[[str], str]:
+    """Spec normaliser of metaxl.data (nusax-senti:ban == nusax:balinese) when available."""
+    try:
+        from . import data
+    except ImportError:
+        return lambda s: s.strip().lower()
+    fn = getattr(data, "canonical_spec", None) or getattr(data, "_canonical", None)
+    if not callable(fn):
+        return lambda s: s.strip().lower()
+
+    def canon(spec: str) -> str:
+        try:
+            return str(fn(spec))
+        except Exception:  # noqa: BLE001 - paths and unknown specs compare as written
+            return spec.strip().lower()
+
+    return canon
+
+
+def _kinds_fn(related: RelatedFn | None) -> Callable[[str, list[str]], tuple[str, str, bool]]:
+    cache: dict[str, str | None] = {}
+    canon = _default_canonical()
+
+    def rel_of(target: str) -> str | None:
+        if target not in cache:
+            got: Any = None
+            if related is not None:
+                try:
+                    got = related(target)
+                except Exception:  # noqa: BLE001 - no related language known: just not 'related'
+                    got = None
+            cache[target] = str(got[0] if isinstance(got, tuple) else got) if got else None
+        return cache[target]
+
+    def kinds(target: str, sources: list[str]) -> tuple[str, str, bool]:
+        literal = "+".join(_short(s) for s in sources) or "none"
+        r = rel_of(target) if sources else None
+        marked = "+".join("related" if r and canon(s) == canon(r) else _short(s) for s in sources) or "none"
+        return literal, marked, marked != literal
+
+    return kinds
+
+
+def _entries(
+    records: list[RunRecord], metric: str, split: str, related: RelatedFn | None
+) -> tuple[list[_Entry], list[str]]:
+    kinds = _kinds_fn(related)
+    base: list[tuple[RunRecord, dict[str, Any], float, str, str, bool]] = []
+    missing: list[str] = []
+    for rec in records:
+        if rec.status != "finished" or rec.results is None:
+            continue
+        block = rec.results.get(split)
+        value = block.get(metric) if isinstance(block, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(float(value)):
+            missing.append(rec.rel)
+            continue
+        cfg = rec.config
+        literal, marked, is_rel = kinds(str(cfg["target"]), list(cfg.get("source") or []))
+        base.append((rec, cfg, float(value), literal, marked, is_rel))
+
+    def group(cfg: dict[str, Any]) -> tuple[str, str]:
+        task = cfg.get("task") if cfg.get("task") in ("ner", "sa") else None
+        if task is None:
+            task = infer_task(TrainConfig(target=str(cfg["target"]), task="auto"))
+        return task, (str(cfg.get("sa_labels")) if task == "sa" else "")
+
+    # Which keys vary within a (task, variant), among runs where the key matters.
+    seen: dict[tuple[str, str], dict[str, set[str]]] = {}
+    for _, cfg, *_rest in base:
+        values_by_key = seen.setdefault(group(cfg), {})
+        for key, val in cfg.items():
+            if key in _NOT_SETTING or not key_matters(key, str(cfg["method"])):
+                continue
+            values_by_key.setdefault(key, set()).add(json.dumps(val, sort_keys=True, default=str))
+    varying = {g: [k for k in TrainConfig.field_names() if len(v.get(k, ())) > 1] for g, v in seen.items()}
+    # Literal source labels used as non-related sources (e.g. 'en'): related runs whose source is one
+    # of them also appear in that row (a target whose related language is English).
+    fixed = {(group(cfg), lit) for _, cfg, _, lit, _, is_rel in base if not is_rel}
+
+    entries: list[_Entry] = []
+    for rec, cfg, value, literal, marked, is_rel in base:
+        g = group(cfg)
+        method = str(cfg["method"])
+        extras = tuple((k, cfg[k]) for k in varying.get(g, []) if key_matters(k, method))
+        drop = {
+            "method",
+            "seed",
+            "target",
+            *RTN_KEYS,
+            *META_KEYS,
+            "output_dir",
+            "progress",
+            "device",
+            "data_dir",
+        }
+        shared = json.dumps({k: v for k, v in cfg.items() if k not in drop}, sort_keys=True, default=str)
+        kind_list = [marked] if method != "target-only" else ["none"]
+        if method != "target-only" and is_rel and (g, literal) in fixed:
+            kind_list.append(literal)
+        for kind in kind_list:
+            entries.append(
+                _Entry(
+                    rec.rel,
+                    g[0],
+                    g[1],
+                    cfg.get("source_size") if method != "target-only" else None,
+                    method,
+                    kind,
+                    extras,
+                    str(cfg["target"]),
+                    int(cfg.get("seed", 0)),
+                    value,
+                    shared,
+                )
+            )
+    return entries, missing
+
+
+def _label(e: _Entry) -> str:
+    name = METHOD_NAMES.get(e.method, e.method)
+    parts = [] if e.method == "target-only" else [e.kind]
+    parts += [_fmt_value(k, v) for k, v in e.extras]
+    return f"{name} ({'; '.join(parts)})" if parts else name
+
+
+def _row_key(e: _Entry) -> tuple[Any, ...]:
+    return (
+        e.method != "target-only",
+        "related" in e.kind,
+        e.kind,
+        METHOD_ORDER.get(e.method, 9),
+        e.method,
+        tuple((k, _sort_value(v)) for k, v in e.extras),
+    )
+
+
+def _sort_value(v: Any) -> tuple[Any, ...]:
+    """Natural order for setting values: numbers, then layer lists by length (L0, L12, L0+12), then text."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v))
+    if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+        return (1, len(v), tuple(float(x) for x in v))
+    return (2, str(v))
+
+
+def _table_title(task: str, variant: str, size: int | None, only_target: bool) -> tuple[str, str]:
+    name = task.upper() if task in ("ner", "sa") else task
+    if variant:
+        name += f" ({variant} labels)"
+    size_txt = "no source data" if only_target else f"source size {'all' if size is None else size}"
+    slug = (
+        task
+        + (f"-{variant}" if variant else "")
+        + ("" if only_target else f"_n{'all' if size is None else size}")
+    )
+    return f"{name}, {size_txt}", re.sub(r"[^A-Za-z0-9_.-]+", "-", slug)
+
+
+def build_tables(entries: list[_Entry]) -> tuple[list[Table], list[str]]:
+    """Group entries into tables (one per task / label scheme / source size); returns duplicates too."""
+    groups: dict[tuple[str, str], dict[int | None, list[_Entry]]] = {}
+    for e in entries:
+        g = groups.setdefault((e.task, e.variant), {})
+        if e.method != "target-only":
+            g.setdefault(e.source_size, []).append(e)
+    tables: list[Table] = []
+    duplicates: list[str] = []
+    for (task, variant), by_size in sorted(groups.items()):
+        target_only = [
+            e for e in entries if (e.task, e.variant) == (task, variant) and e.method == "target-only"
+        ]
+        sizes: list[int | None] = sorted(by_size, key=lambda s: (s is None, s or 0)) or [None]
+        for size in sizes:
+            members = target_only + by_size.get(size, [])
+            title, slug = _table_title(task, variant, size, only_target=not by_size)
+            targets = sorted({e.target for e in members}, key=lambda t: (_short(t), t))
+            shorts = [_short(t) for t in targets]
+            columns = shorts if len(set(shorts)) == len(shorts) else targets
+            rows_by_label: dict[str, dict[str, dict[int, _Entry]]] = {}
+            first: dict[str, _Entry] = {}
+            for e in sorted(members, key=lambda e: e.rel):
+                label = _label(e)
+                first.setdefault(label, e)
+                by_seed = rows_by_label.setdefault(label, {}).setdefault(e.target, {})
+                if e.seed in by_seed:
+                    duplicates.append(f"{e.rel} (same setting, target and seed as {by_seed[e.seed].rel})")
+                    continue
+                by_seed[e.seed] = e
+            rows = []
+            for label in sorted(rows_by_label, key=lambda lb: _row_key(first[lb])):
+                per_target = rows_by_label[label]
+                cells = {
+                    t: cell_stats([x.value for _, x in sorted(per_target[t].items())]) for t in per_target
+                }
+                present = [t for t in targets if t in per_target]
+                common = set.intersection(*(set(per_target[t]) for t in present)) if present else set()
+                seed_avgs = [
+                    sum(per_target[t][s].value for t in present) / len(present) for s in sorted(common)
+                ]
+                avg = cell_stats(seed_avgs)
+                avg.mean = sum(cells[t].mean for t in present) / len(present) if present else math.nan
+                avg.partial = len(present) < len(targets)
+                e0 = first[label]
+                rows.append(Row(label, e0.method, e0.kind, cells, avg))
+            tables.append(Table(title, slug, task, variant, size, targets, columns, rows))
+    return tables, duplicates
+
+
+def paired_comparisons(entries: list[_Entry], tables: list[Table]) -> list[Comparison]:
+    """MetaXL − JT over runs paired on (task, target, source, source_size, seed and shared settings)."""
+    out: list[Comparison] = []
+    for table in tables:
+        members = [
+            e
+            for e in entries
+            if (e.task, e.variant, e.source_size) == (table.task, table.variant, table.source_size)
+            and e.method in ("jt", "metaxl")
+        ]
+        jt: dict[tuple[str, str, int, str], _Entry] = {}
+        for e in sorted(members, key=lambda e: e.rel):
+            if e.method == "jt":
+                jt.setdefault((e.kind, e.target, e.seed, e.shared), e)
+        groups: dict[tuple[str, str, str], dict[tuple[str, int], tuple[float, float]]] = {}
+        order: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        for e in sorted(members, key=lambda e: e.rel):
+            if e.method != "metaxl":
+                continue
+            j = jt.get((e.kind, e.target, e.seed, e.shared))
+            if j is None:
+                continue
+            key = (e.kind, _label(e), _label(j))
+            order[key] = _row_key(e)
+            groups.setdefault(key, {}).setdefault((e.target, e.seed), (e.value, j.value))
+        for key in sorted(groups, key=lambda k: order[k]):
+            pairs = sorted(groups[key].items())
+            a = [p[1][0] for p in pairs]
+            b = [p[1][1] for p in pairs]
+            out.append(
+                Comparison(
+                    table.title,
+                    key[0],
+                    key[1],
+                    key[2],
+                    paired_stats(a, b),
+                    [(t, s, x, y) for (t, s), (x, y) in pairs],
+                )
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def _num(x: float, digits: int = 2) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _p(x: float) -> str:
+    if math.isnan(x):
+        return "–"
+    return "<0.001" if x < 0.001 else f"{x:.3f}"
+
+
+def _cell_text(c: Cell | None, show_n: bool) -> str:
+    if c is None or c.n == 0 and math.isnan(c.mean):
+        return "–"
+    text = _num(c.mean) if math.isnan(c.std) else f"{_num(c.mean)} ± {_num(c.std)}"
+    if c.partial:
+        text += " †"
+    if show_n:
+        text += f" (n={c.n})"
+    return text
+
+
+def table_markdown(table: Table) -> str:
+    """Markdown for one table (header, separator, one line per setting).
+
+    >>> t = Table("NER", "ner", "ner", "", 1000, ["x:luo"], ["luo"],
+    ...           [Row("JT (en)", "jt", "en", {"x:luo": cell_stats([60.0])}, cell_stats([60.0]))])
+    >>> print(table_markdown(t))
+    | setting | luo | avg |
+    |---|---:|---:|
+    | JT (en) | 60.00 | 60.00 |
+    """
+    show_n = not table.uniform_n
+    lines = [
+        "| setting | " + " | ".join(table.columns) + " | avg |",
+        "|---|" + "---:|" * (len(table.columns) + 1),
+    ]
+    for row in table.rows:
+        cells = [_cell_text(row.cells.get(t), show_n) for t in table.targets]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {_cell_text(row.avg, show_n)} |")
+    return "\n".join(lines)
+
+
+def _csv_num(x: float) -> str:
+    return "" if x is None or math.isnan(x) else repr(float(x))
+
+
+def write_table_csv(table: Table, path: Path) -> None:
+    """CSV with columns setting, <target> mean/std/n..., avg mean/std/n."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        header = ["setting"]
+        for col in [*table.columns, "avg"]:
+            header += [f"{col} mean", f"{col} std", f"{col} n"]
+        w.writerow(header)
+        for row in table.rows:
+            line = [row.label]
+            for t in table.targets:
+                c = row.cells.get(t)
+                line += [_csv_num(c.mean), _csv_num(c.std), str(c.n)] if c else ["", "", "0"]
+            line += [_csv_num(row.avg.mean), _csv_num(row.avg.std), str(row.avg.n)]
+            w.writerow(line)
+
+
+def plot_table(table: Table, path: Path, ylabel: str) -> None:
+    """Grouped bar chart: targets (+ avg) on x, one bar per setting, error bars = std."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = [*table.targets, "avg"]
+    names = [*table.columns, "avg"]
+    nrows = max(1, len(table.rows))
+    fig = Figure(figsize=(max(6.0, 0.35 * len(cols) * nrows + 2), 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    width = 0.8 / nrows
+    for i, row in enumerate(table.rows):
+        xs, ys, errs = [], [], []
+        for j, col in enumerate(cols):
+            c = row.avg if col == "avg" else row.cells.get(col)
+            if c is None or math.isnan(c.mean):
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            ys.append(c.mean)
+            errs.append(0.0 if math.isnan(c.std) else c.std)
+        ax.bar(xs, ys, width=width * 0.95, yerr=errs, capsize=2, label=row.label)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(names, rotation=30 if len(cols) > 8 else 0)
+    ax.set_ylabel(ylabel)
+    ax.set_title(table.title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(
+        fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(4, nrows), frameon=False
+    )
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+@dataclass
+class ReportResult:
+    """What :func:`make_report` wrote and computed."""
+
+    out_dir: Path
+    markdown_path: Path
+    tables: list[Table]
+    comparisons: list[Comparison]
+    records: list[RunRecord]
+    files: list[Path]
+    counts: dict[str, int]
+
+
+def make_report(
+    runs_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    metric: str = "f1",
+    split: str = "test",
+    related: RelatedFn | None = None,
+    plots: bool = True,
+) -> ReportResult:
+    """Read every results.json under ``runs_dir`` and write report.md, CSVs and PNGs to ``out``.
+
+    ``related(target) -> (source_spec, reason)`` marks sources that are the target's related
+    language (default: :func:`metaxl.data.related_source` when importable).
+
+    >>> res = make_report("runs/ner_masakhaner", metric="f1", split="test")  # doctest: +SKIP
+    >>> [t.title for t in res.tables]                                         # doctest: +SKIP
+    ['NER, source size 1000']
+    """
+    runs_dir = Path(runs_dir)
+    out_dir = Path(out) if out is not None else runs_dir / "report"
+    if split not in ("dev", "test"):
+        raise MetaXLError(f"--split {split!r} is not valid; choose dev or test")
+    records = collect_runs(runs_dir, skip=[out_dir])
+    if not records:
+        raise MetaXLError(
+            f"no runs under {runs_dir} (no results.json, config.yaml or FAILED found); "
+            "give the --runs-dir of a sweep"
+        )
+    if related is None:
+        related = _default_related()
+    entries, missing = _entries(records, metric, split, related)
+    finished = [r for r in records if r.status == "finished"]
+    if finished and not entries:
+        avail = sorted(
+            {k for r in finished for k in ((r.results or {}).get(split) or {}) if isinstance(k, str)}
+        )
+        raise MetaXLError(
+            f"no finished run under {runs_dir} has {split}.{metric}; available {split} metrics: "
+            f"{', '.join(avail) or 'none'} (choose one with --metric, or --split dev/test)"
+        )
+    tables, duplicates = build_tables(entries)
+    comparisons = paired_comparisons(entries, tables)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    counts = {
+        s: sum(1 for r in records if r.status == s)
+        for s in ("finished", "unfinished", "failed", "unreadable")
+    }
+    counts["read"] = len(records)
+    counts["duplicates"] = len(duplicates)
+    counts["no_metric"] = len(missing)
+
+    md: list[str] = ["# MetaXL report", ""]
+    md.append(
+        f"Read {len(records)} run folders under `{runs_dir}`: {counts['finished']} finished, "
+        f"{counts['unfinished']} skipped unfinished, {counts['failed']} failed"
+        + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else "")
+        + "."
+    )
+    if missing:
+        md.append(f"{len(missing)} finished runs have no `{split}.{metric}` and were skipped.")
+    if duplicates:
+        md.append(f"{len(duplicates)} duplicate runs ignored: " + "; ".join(duplicates[:5]))
+    md += [
+        "",
+        f"Cells: {split} {metric} (percent), mean ± sample std (ddof=1) over seeds; a single seed shows "
+        "the value alone. `avg`: mean over the row's targets (its ± is the std over seeds of the per-seed "
+        "average, for seeds run on every target); † = some targets missing from the row.",
+        "",
+    ]
+    for table in tables:
+        md += [f"## {table.title}", "", table_markdown(table), ""]
+        if table.uniform_n and table.rows:
+            n = next(iter(table.rows[0].cells.values())).n
+            md.append(f"{n} seed(s) per cell.")
+            md.append("")
+        csv_path = out_dir / f"{table.slug}.csv"
+        write_table_csv(table, csv_path)
+        files.append(csv_path)
+        if plots and table.rows:
+            png = out_dir / f"{table.slug}.png"
+            plot_table(table, png, f"{split} {metric}")
+            files.append(png)
+            md += [f"![{table.title}]({png.name})", ""]
+    md += ["## Paired comparison: MetaXL − JT", ""]
+    if comparisons:
+        md.append(
+            "Runs paired on (task, target, source, source size, seed); n = (language, seed) pairs; "
+            "95% CI of the mean difference (t); p-values: two-sided paired t-test and Wilcoxon signed-rank."
+        )
+        md += [
+            "",
+            "| table | source | comparison | n | mean Δ | 95% CI | wins/losses/ties | t-test p | Wilcoxon p |",
+            "|---|---|---|---:|---:|---|---|---:|---:|",
+        ]
+        for c in comparisons:
+            s = c.stats
+            md.append(
+                f"| {c.table} | {c.kind} | {c.treatment} − {c.control} | {s.n} | {_num(s.mean)} | "
+                f"[{_num(s.ci_low)}, {_num(s.ci_high)}] | {s.wins}/{s.losses}/{s.ties} | {_p(s.t_p)} | "
+                f"{_p(s.wilcoxon_p)} |"
+            )
+    else:
+        md.append("No MetaXL and JT runs with matching (target, source, source size, seed) to pair.")
+    md.append("")
+    sig_path = out_dir / "significance.csv"
+    with open(sig_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "table",
+                "source",
+                "treatment",
+                "control",
+                "n",
+                "mean_diff",
+                "ci_low",
+                "ci_high",
+                "wins",
+                "losses",
+                "ties",
+                "ttest_p",
+                "wilcoxon_p",
+            ]
+        )
+        for c in comparisons:
+            s = c.stats
+            w.writerow(
+                [
+                    c.table,
+                    c.kind,
+                    c.treatment,
+                    c.control,
+                    s.n,
+                    _csv_num(s.mean),
+                    _csv_num(s.ci_low),
+                    _csv_num(s.ci_high),
+                    s.wins,
+                    s.losses,
+                    s.ties,
+                    _csv_num(s.t_p),
+                    _csv_num(s.wilcoxon_p),
+                ]
+            )
+    files.append(sig_path)
+    failed = [r for r in records if r.status in ("failed", "unreadable")]
+    md += ["## Failed runs", ""]
+    if failed:
+        md += ["| run | reason |", "|---|---|"]
+        md += [f"| `{r.rel}` | {r.reason.replace('|', '/')} |" for r in failed]
+    else:
+        md.append("None.")
+    unfinished = [r for r in records if r.status == "unfinished"]
+    if unfinished:
+        md += ["", "## Unfinished runs (skipped)", ""]
+        md += [f"- `{r.rel}`: {r.reason}" for r in unfinished]
+    md.append("")
+    runs_csv = out_dir / "runs.csv"
+    with open(runs_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "run",
+                "status",
+                "task",
+                "method",
+                "target",
+                "source",
+                "source_size",
+                "seed",
+                f"{split}_{metric}",
+                "reason",
+            ]
+        )
+        by_rel = {e.rel: e for e in entries}
+        for r in records:
+            e = by_rel.get(r.rel)
+            cfg = r.config
+            w.writerow(
+                [
+                    r.rel,
+                    r.status,
+                    e.task if e else cfg.get("task", ""),
+                    cfg.get("method", ""),
+                    cfg.get("target", ""),
+                    "+".join(cfg.get("source") or []),
+                    cfg.get("source_size", ""),
+                    cfg.get("seed", ""),
+                    _csv_num(e.value) if e else "",
+                    r.reason,
+                ]
+            )
+    files.append(runs_csv)
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md))
+    files.insert(0, md_path)
+    return ReportResult(out_dir, md_path, tables, comparisons, records, files, counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def _cmd_report(args: argparse.Namespace) -> int:
+    res = make_report(args.runs_dir, args.out, metric=args.metric, split=args.split, plots=not args.no_plots)
+    c = res.counts
+    print(
+        f"read {c['read']} runs: {c['finished']} finished, {c['unfinished']} unfinished (skipped), "
+        f"{c['failed']} failed; {len(res.tables)} table(s), {len(res.comparisons)} paired comparison(s)"
+    )
+    print(f"wrote {res.markdown_path} (+ {len(res.files) - 1} CSV/PNG files in {res.out_dir})")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``report`` subcommand to an argparse subparsers object.
+
+    >>> import argparse
+    >>> p = argparse.ArgumentParser(); register_cli(p.add_subparsers())
+    >>> p.parse_args(["report", "runs/x", "--split", "dev"]).split
+    'dev'
+    """
+    p = subparsers.add_parser(
+        "report",
+        help="paper-style tables, significance tests and charts from a folder of runs",
+        description="Read every results.json under RUNS_DIR and write report.md, one CSV and PNG per table, "
+        "significance.csv and runs.csv. See docs/sweeps.md.",
+    )
+    p.add_argument("runs_dir", help="folder of runs (e.g. a sweep's --runs-dir)")
+    p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report)")
+    p.add_argument("--metric", default="f1", help="metric key in results.json (default f1)")
+    p.add_argument("--split", choices=("test", "dev"), default="test")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG charts")
+    p.set_defaults(func=_cmd_report)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m metaxl.report RUNS_DIR ...`` (same flags as ``metaxl report``)."""
+    parser = argparse.ArgumentParser(prog="metaxl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_cli(sub)
+    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except MetaXLError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

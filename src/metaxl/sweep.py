@@ -1,0 +1,1358 @@
+"""Grids of ``metaxl train`` runs: expansion, resumable local / Ray execution.
+
+A sweep file is YAML with ``base:`` (TrainConfig keys shared by every run), ``grid:`` (lists of
+values to combine) and optional ``exclude:`` rules::
+
+    base: {epochs: 20, target_size: 100}
+    grid:
+      targets: [masakhaner2:luo, masakhaner2:wol]
+      sources: [masakhaner2:en, related]       # 'related': the target's built-in related language
+      methods: [target-only, jt, metaxl]
+      seeds: [1, 2, 3]
+    exclude:
+      - {method: jt, source: related}
+
+Every run gets a readable folder (``ner/masakhaner2-luo/metaxl/src-masakhaner2-en/n1000/L12/seed1``)
+holding ``config.yaml``, ``results.json`` and ``train.log``. Re-running the same command skips
+finished runs, resumes unfinished ones and (with ``--retry-failed``) re-runs failed ones.
+
+>>> from metaxl.sweep import expand_sweep
+>>> runs = expand_sweep({"grid": {"targets": ["masakhaner2:luo"], "methods": ["target-only", "jt"],
+...                               "sources": ["masakhaner2:en"], "seeds": [1, 2]}})
+>>> [r.name for r in runs][:2]
+['ner/masakhaner2-luo/target-only/seed1', 'ner/masakhaner2-luo/target-only/seed2']
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from .config import TrainConfig, parse_list
+from .errors import ConfigError, MetaXLError
+
+__all__ = [
+    "SweepSpec",
+    "PlannedRun",
+    "SweepOutcome",
+    "load_sweep",
+    "expand_sweep",
+    "effective_config",
+    "run_status",
+    "run_sweep",
+    "register_cli",
+    "main",
+]
+
+RELATED = "related"
+"""Grid value of ``sources`` meaning the target's built-in related language."""
+
+TRAIN_CMD_ENV = "METAXL_TRAIN_CMD"
+DEFAULT_TRAIN_COMMAND = ("{python}", "-m", "metaxl", "train")
+"""Prefix of the child command; ``--config C --output-dir D --resume`` is appended."""
+
+STATE_FILE = "sweep_state.json"
+FAILED_MARKER = "FAILED"
+LOCK_FILE = ".sweep.lock"
+
+# grid key -> TrainConfig field
+GRID_ALIASES = {
+    "targets": "target",
+    "sources": "source",
+    "methods": "method",
+    "source_sizes": "source_size",
+    "seeds": "seed",
+    "rtn_layers": "rtn_layers",
+}
+STANDARD_AXES = ("target", "source", "method", "source_size", "rtn_layers")
+TOP_LEVEL_KEYS = ("name", "base", "grid", "exclude", "runs_dir", "ray")
+
+# Keys that never change what a run computes (excluded from dedup / config comparison).
+NON_SEMANTIC_KEYS = ("output_dir", "progress")
+# Keys that only matter for some methods; others get TrainConfig's defaults (see effective_config).
+SOURCE_KEYS = ("source", "source_size")
+RTN_KEYS = ("rtn_layers", "rtn_variant", "rtn_hidden", "rtn_per_source", "meta_lr")
+META_KEYS = ("hypergrad", "fd_epsilon", "meta_batch", "inner_lr", "virtual_from_layer", "backoff_epochs")
+
+_DEFAULTS = TrainConfig().to_dict()
+_HINTS = typing.get_type_hints(TrainConfig)
+
+# Data set name prefix -> task, for folder names when task is "auto".
+_TASK_BY_PREFIX = {
+    "masakhaner2": "ner",
+    "masakhaner": "ner",
+    "wikiann": "ner",
+    "conll": "ner",
+    "conll2003": "ner",
+    "nusax": "sa",
+    "marc": "sa",
+    "sentipers": "sa",
+    "sentiraama": "sa",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep specification and expansion
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SweepSpec:
+    """A parsed sweep YAML file.
+
+    >>> spec = SweepSpec.from_dict({"grid": {"seeds": [1, 2]}})
+    >>> spec.grid
+    {'seeds': [1, 2]}
+    """
+
+    base: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+    name: str | None = None
+    runs_dir: str | None = None
+    ray: dict[str, Any] = field(default_factory=dict)
+    where: str = "sweep"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "sweep") -> SweepSpec:
+        """Check the top-level layout of a sweep mapping (values are checked by :func:`expand_sweep`)."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{where}: expected a mapping with base:, grid:, exclude:, got {type(data).__name__}"
+            )
+        unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            hint = ""
+            if set(unknown) & set(TrainConfig.field_names()) | set(unknown) & set(GRID_ALIASES):
+                hint = " (training keys go under base: or grid:)"
+            raise ConfigError(
+                f"{where}: unknown top-level key(s) {', '.join(unknown)}{hint}; valid: {', '.join(TOP_LEVEL_KEYS)}"
+            )
+        base = data.get("base") or {}
+        grid = data.get("grid") or {}
+        exclude = data.get("exclude") or []
+        ray = data.get("ray") or {}
+        if not isinstance(base, dict):
+            raise ConfigError(
+                f"{where}: base: must be a mapping of TrainConfig keys, got {type(base).__name__}"
+            )
+        if not isinstance(grid, dict):
+            raise ConfigError(f"{where}: grid: must be a mapping of key: [values], got {type(grid).__name__}")
+        if not isinstance(exclude, list) or not all(isinstance(r, dict) for r in exclude):
+            raise ConfigError(
+                f"{where}: exclude: must be a list of mappings like '- {{method: jt, source: related}}'"
+            )
+        if not isinstance(ray, dict) or set(ray) - {"num_cpus", "num_gpus"}:
+            raise ConfigError(f"{where}: ray: accepts only num_cpus and num_gpus, got {ray!r}")
+        runs_dir = data.get("runs_dir")
+        name = data.get("name")
+        return cls(
+            base=dict(base),
+            grid=dict(grid),
+            exclude=[dict(r) for r in exclude],
+            name=None if name is None else str(name),
+            runs_dir=None if runs_dir is None else str(runs_dir),
+            ray=dict(ray),
+            where=where,
+        )
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read a sweep YAML file.
+
+    >>> spec = load_sweep("examples/sweeps/ner_masakhaner.yaml")  # doctest: +SKIP
+    >>> len(spec.grid["targets"])                                   # doctest: +SKIP
+    8
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    spec = SweepSpec.from_dict(data, where=str(path))
+    if spec.name is None:
+        spec.name = path.stem
+    return spec
+
+
+@dataclass
+class PlannedRun:
+    """One run of a sweep: its folder name (relative to the runs dir) and full config."""
+
+    name: str
+    config: TrainConfig
+    axes: dict[str, Any] = field(default_factory=dict)
+    """The grid values as written (``source: 'related'`` stays 'related')."""
+
+    def directory(self, runs_dir: str | Path) -> Path:
+        return Path(runs_dir) / self.name
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+
+def effective_config(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    """The config with keys the method ignores reset to defaults (used for dedup and grouping).
+
+    target-only ignores sources and the RTN; jt ignores the RTN and meta keys; jt-rtn ignores the
+    meta-gradient keys; ``fd_epsilon`` only matters for finite-difference; ``rtn_per_source`` only
+    with several sources. RTN layers are sorted.
+
+    >>> eff = effective_config({"method": "target-only", "source": ["masakhaner2:en"], "rtn_layers": [0]})
+    >>> eff["source"], eff["source_size"], eff["rtn_layers"]
+    ([], None, [12])
+    """
+    d = dict(_DEFAULTS)
+    d.update(cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg)
+    method = d.get("method")
+    reset: list[str] = []
+    if method == "target-only":
+        d["source"] = []
+        d["source_size"] = None
+        reset += [*RTN_KEYS, *META_KEYS]
+    elif method == "jt":
+        reset += [*RTN_KEYS, *META_KEYS]
+    elif method == "jt-rtn":
+        reset += [k for k in META_KEYS]
+    for key in reset:
+        d[key] = _DEFAULTS[key]
+    if d.get("hypergrad") != "finite-difference":
+        d["fd_epsilon"] = _DEFAULTS["fd_epsilon"]
+    if len(d.get("source") or []) < 2:
+        d["rtn_per_source"] = _DEFAULTS["rtn_per_source"]
+    if isinstance(d.get("rtn_layers"), list):
+        try:
+            d["rtn_layers"] = sorted({int(x) for x in d["rtn_layers"]})
+        except (TypeError, ValueError):
+            pass
+    return d
+
+
+def config_hash(cfg: TrainConfig | dict[str, Any], n: int = 8) -> str:
+    """Short stable hash of the effective config (ignores output_dir / progress).
+
+    >>> len(config_hash(TrainConfig()))
+    8
+    """
+    d = effective_config(cfg)
+    for k in NON_SEMANTIC_KEYS:
+        d.pop(k, None)
+    blob = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:n]
+
+
+def infer_task(cfg: TrainConfig) -> str:
+    """'ner' / 'sa' from the config's task or the target's data set name; 'auto' if unknown.
+
+    >>> infer_task(TrainConfig(target="nusax:balinese"))
+    'sa'
+    """
+    if cfg.task != "auto":
+        return cfg.task
+    prefix = cfg.target.split(":", 1)[0].lower() if ":" in cfg.target else ""
+    return _TASK_BY_PREFIX.get(prefix, "auto")
+
+
+def _slug(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(_slug(v) for v in value) or "none"
+    text = "none" if value is None else str(value)
+    if "/" in text or "\\" in text:  # a path: keep its last part
+        text = Path(text.rstrip("/\\")).name or text
+    text = re.sub(r"[^A-Za-z0-9._+-]+", "-", text.replace(":", "-")).strip("-.")
+    return text or "x"
+
+
+def _layers_label(layers: Sequence[int]) -> str:
+    return "L" + "+".join(str(x) for x in layers)
+
+
+def key_matters(key: str, method: str) -> bool:
+    """Whether TrainConfig key ``key`` affects a run of ``method``.
+
+    >>> key_matters("rtn_layers", "jt"), key_matters("rtn_layers", "metaxl")
+    (False, True)
+    """
+    if method == "target-only" and key in (*SOURCE_KEYS, *RTN_KEYS, *META_KEYS):
+        return False
+    if method == "jt" and key in (*RTN_KEYS, *META_KEYS):
+        return False
+    if method == "jt-rtn" and key in META_KEYS:
+        return False
+    return True
+
+
+def run_name(cfg: TrainConfig, extra_keys: Sequence[str] = ()) -> str:
+    """Readable folder name of a run (without the uniqueness hash).
+
+    >>> run_name(TrainConfig(target="masakhaner2:luo", source=["masakhaner2:en"], seed=1))
+    'ner/masakhaner2-luo/metaxl/src-masakhaner2-en/n1000/L12/seed1'
+    """
+    eff = effective_config(cfg)
+    method = cfg.method
+    parts = [infer_task(cfg), _slug(cfg.target), _slug(method)]
+    if method != "target-only":
+        parts.append("src-" + _slug(eff["source"]))
+        parts.append("n" + ("all" if eff["source_size"] is None else str(eff["source_size"])))
+    if method in ("jt-rtn", "metaxl"):
+        parts.append(_layers_label(eff["rtn_layers"]))
+    for key in extra_keys:
+        if key_matters(key, method) and key not in ("seed", *STANDARD_AXES):
+            parts.append(f"{key}-{_slug(eff[key])}")
+    parts.append(f"seed{cfg.seed}")
+    return "/".join(parts)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Check / coerce a YAML value for TrainConfig field ``key`` (YAML reads ``3e-5`` as a string)."""
+    if key == "source":
+        return _as_sources(value, where)
+    if key == "rtn_layers":
+        return _as_layers(value, where)
+    hint = _HINTS[key]
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None or (
+        isinstance(value, str) and value.lower() in ("all", "none", "null") and type(None) in args
+    ):
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where}: {key} cannot be empty; give a {_type_name(hint)}")
+    for t in args:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+                return int(value)
+        if t is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if t is str and isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: {key}={value!r} is not a valid {_type_name(hint)}")
+
+
+def _as_sources(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return parse_list(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value]
+    raise ConfigError(
+        f"{where}: source={value!r}: give a data set spec (masakhaner2:en), 'related', or a list of them"
+    )
+
+
+def _as_layers(value: Any, where: str) -> list[int]:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return [value]
+        if isinstance(value, str):
+            return [int(x) for x in parse_list(value)]
+        if isinstance(value, list):
+            return [int(x) for x in value if not isinstance(x, bool)] if value else []
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{where}: rtn_layers={value!r}: give a layer number (12) or a list of them ([0, 12])")
+
+
+def _grid_axes(spec: SweepSpec) -> list[tuple[str, list[Any]]]:
+    fields = set(TrainConfig.field_names())
+    axes: dict[str, list[Any]] = {}
+    for key, values in spec.grid.items():
+        fname = GRID_ALIASES.get(key, key)
+        where = f"{spec.where}: grid.{key}"
+        if fname not in fields:
+            raise ConfigError(
+                f"{where}: unknown key; use a TrainConfig key ({', '.join(TrainConfig.field_names())}) "
+                f"or one of {', '.join(GRID_ALIASES)}"
+            )
+        if fname in NON_SEMANTIC_KEYS and fname == "output_dir":
+            raise ConfigError(f"{where}: output_dir is set per run by the sweep; remove it")
+        if fname in axes:
+            raise ConfigError(f"{spec.where}: grid gives {fname!r} twice (e.g. both 'targets' and 'target')")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"{where} must be a non-empty list of values, got {values!r}; put single values under base:"
+            )
+        norm: list[Any]
+        if fname == "source":
+            norm = [_as_sources(v, where) for v in values]
+        elif fname == "rtn_layers":
+            norm = [_as_layers(v, where) for v in values]
+        else:
+            norm = [_coerce(fname, v, where) for v in values]
+        axes[fname] = norm
+    order = [k for k in STANDARD_AXES if k in axes]
+    order += [k for k in axes if k not in STANDARD_AXES and k != "seed"]
+    if "seed" in axes:
+        order.append("seed")
+    return [(k, axes[k]) for k in order]
+
+
+def _rule_values(key: str, value: Any, where: str) -> list[Any]:
+    """Accepted values of one exclude-rule key (for list-valued keys a flat list is one value)."""
+    if key == "source":
+        if isinstance(value, list) and any(isinstance(v, list) for v in value):
+            return [_as_sources(v, where) for v in value]
+        return [_as_sources(value, where)]
+    if key == "rtn_layers":
+        if isinstance(value, list) and any(isinstance(v, list) for v in value):
+            return [sorted(_as_layers(v, where)) for v in value]
+        return [sorted(_as_layers(value, where))]
+    values = value if isinstance(value, list) else [value]
+    return [_coerce(key, v, where) for v in values]
+
+
+def _compile_rules(spec: SweepSpec) -> list[dict[str, list[Any]]]:
+    fields = set(TrainConfig.field_names())
+    rules = []
+    for i, rule in enumerate(spec.exclude):
+        where = f"{spec.where}: exclude[{i}]"
+        if not rule:
+            raise ConfigError(f"{where}: empty rule would exclude every run; remove it")
+        compiled: dict[str, list[Any]] = {}
+        for key, value in rule.items():
+            fname = GRID_ALIASES.get(key, key)
+            if fname not in fields:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}; use TrainConfig keys like method, source, target"
+                )
+            compiled[fname] = _rule_values(fname, value, f"{where}.{key}")
+        rules.append(compiled)
+    return rules
+
+
+def _norm_for_match(key: str, value: Any) -> Any:
+    if key == "rtn_layers" and isinstance(value, list):
+        return sorted(value)
+    return value
+
+
+def _excluded(rules: list[dict[str, list[Any]]], raw: dict[str, Any], eff: dict[str, Any] | None) -> bool:
+    for rule in rules:
+        ok = True
+        for key, accepted in rule.items():
+            cands = []
+            if key in raw:
+                cands.append(_norm_for_match(key, raw[key]))
+            if eff is not None and key in eff:
+                cands.append(_norm_for_match(key, eff[key]))
+            if not any(c == a for c in cands for a in accepted):
+                ok = False
+                break
+        if ok:
+            return True
+    return False
+
+
+RelatedFn = Callable[[str], tuple[str, str]]
+
+
+def _default_related() -> RelatedFn:
+    try:
+        from .data import related_source
+    except ImportError as e:
+        raise ConfigError(
+            f"'related' sources need metaxl.data.related_source, which cannot be imported ({e}); "
+            "list the source data sets explicitly"
+        ) from None
+    return related_source
+
+
+@dataclass
+class ExpansionStats:
+    combinations: int = 0
+    excluded: int = 0
+    duplicates: int = 0
+
+
+def expand_sweep(
+    spec: SweepSpec | dict[str, Any],
+    *,
+    related: RelatedFn | None = None,
+    stats: ExpansionStats | None = None,
+) -> list[PlannedRun]:
+    """Expand a sweep into validated, deduplicated runs with unique folder names.
+
+    ``related(target) -> (source_spec, reason)`` resolves the word ``related`` (default:
+    :func:`metaxl.data.related_source`, imported only when needed). Every config is validated with
+    :meth:`TrainConfig.validate`; a bad one raises :class:`ConfigError` naming the run.
+
+    >>> runs = expand_sweep({"grid": {"targets": ["nusax:balinese"], "sources": ["related"],
+    ...                               "methods": ["jt"]}},
+    ...                     related=lambda t: ("nusax:indonesian", "same family"))
+    >>> runs[0].config.source
+    ['nusax:indonesian']
+    """
+    if isinstance(spec, dict):
+        spec = SweepSpec.from_dict(spec)
+    stats = stats if stats is not None else ExpansionStats()
+    where = spec.where
+    fields = set(TrainConfig.field_names())
+    base: dict[str, Any] = {}
+    for key, value in spec.base.items():
+        fname = GRID_ALIASES.get(key, key) if key not in fields else key
+        if fname not in fields:
+            raise ConfigError(
+                f"{where}: base.{key}: unknown key; valid keys: {', '.join(TrainConfig.field_names())}"
+            )
+        if fname == "output_dir":
+            raise ConfigError(
+                f"{where}: base.output_dir: the sweep sets each run's output_dir; use --runs-dir"
+            )
+        base[fname] = _coerce(fname, value, f"{where}: base.{key}")
+    base.setdefault("progress", False)
+    axes = _grid_axes(spec)
+    rules = _compile_rules(spec)
+    extra_keys = [k for k, _ in axes if k not in STANDARD_AXES and k != "seed"]
+    keys = [k for k, _ in axes]
+    related_cache: dict[str, list[str]] = {}
+    related_fn = related
+
+    def resolve(target: str, sources: list[str], raw_desc: str) -> list[str]:
+        nonlocal related_fn
+        out = []
+        for s in sources:
+            if s != RELATED:
+                out.append(s)
+                continue
+            if target not in related_cache:
+                if related_fn is None:
+                    related_fn = _default_related()
+                try:
+                    got = related_fn(target)
+                except MetaXLError as e:
+                    raise ConfigError(
+                        f"{where}: {raw_desc}: no related source for target {target!r} ({e}); "
+                        f"add an exclude rule '- {{target: {target}, source: related}}' or list sources explicitly"
+                    ) from None
+                src = got[0] if isinstance(got, tuple) else got
+                related_cache[target] = [str(src)]
+            out.extend(related_cache[target])
+        return out
+
+    runs: list[PlannedRun] = []
+    seen: dict[str, str] = {}
+    errors: list[str] = []
+    for combo in itertools.product(*(vals for _, vals in axes)):
+        stats.combinations += 1
+        raw = dict(zip(keys, combo, strict=True))
+        merged = {**base, **raw}
+        if _excluded(rules, raw, {**_DEFAULTS, **merged}):
+            stats.excluded += 1
+            continue
+        method = merged.get("method", _DEFAULTS["method"])
+        target = merged.get("target", _DEFAULTS["target"])
+        desc = ", ".join(f"{k}={v}" for k, v in raw.items()) or "the base config"
+        if method == "target-only":
+            merged["source"] = []
+        else:
+            merged["source"] = resolve(target, list(merged.get("source", _DEFAULTS["source"])), desc)
+        try:
+            cfg = TrainConfig.from_dict(merged, where=f"{where}: run ({desc})")
+        except TypeError as e:
+            raise ConfigError(f"{where}: run ({desc}): {e}") from None
+        eff = effective_config(cfg)
+        if _excluded(rules, raw, eff):
+            stats.excluded += 1
+            continue
+        cfg = TrainConfig.from_dict({k: eff[k] for k in TrainConfig.field_names()})
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            msg = f"{e}"
+            if msg not in errors:
+                errors.append(f"{msg} (first in run {desc})")
+            continue
+        h = config_hash(cfg)
+        if h in seen:
+            stats.duplicates += 1
+            continue
+        seen[h] = desc
+        runs.append(PlannedRun(name=run_name(cfg, extra_keys), config=cfg, axes=raw))
+    if errors:
+        shown = "; ".join(errors[:5]) + (f"; ... {len(errors) - 5} more" if len(errors) > 5 else "")
+        raise ConfigError(f"{where}: invalid run config(s): {shown}. Fix base:/grid: or add exclude: rules")
+    # Unique names: append the config hash where readable names collide.
+    by_name: dict[str, list[PlannedRun]] = {}
+    for r in runs:
+        by_name.setdefault(r.name, []).append(r)
+    for name, group in by_name.items():
+        if len(group) > 1:
+            for r in group:
+                r.name = f"{name}-{r.config_hash}"
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Run status on disk
+# ----------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_failed_marker(path: Path) -> dict[str, str]:
+    """Parse a ``FAILED`` marker: ``key: value`` header lines, then the log tail.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "FAILED"
+    >>> _ = p.write_text("exit_code: 1\\nreason: boom\\n--- last lines of train.log ---\\nx\\n")
+    >>> read_failed_marker(p)["exit_code"]
+    '1'
+    """
+    info: dict[str, str] = {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return info
+    head, _, tail = text.partition("\n--- ")
+    for line in head.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            info[key.strip()] = value.strip()
+    if tail:
+        info["log_tail"] = tail.partition("\n")[2]
+    return info
+
+
+def run_status(run_dir: str | Path) -> str:
+    """Status of a run folder: 'finished', 'failed', 'unfinished' (started) or 'new'.
+
+    >>> run_status("/nonexistent/run")
+    'new'
+    """
+    run_dir = Path(run_dir)
+    results = _read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else None
+    if results is not None and results.get("status") == "finished":
+        return "finished"
+    if (run_dir / FAILED_MARKER).exists() or (results is not None and results.get("status") == "failed"):
+        return "failed"
+    if any((run_dir / f).exists() for f in ("results.json", "config.yaml", "train.log", "checkpoint")):
+        return "unfinished"
+    return "new"
+
+
+def _config_differences(path: Path, cfg: TrainConfig) -> list[str]:
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ["<unreadable config.yaml>"]
+    if not isinstance(old, dict):
+        return ["<unreadable config.yaml>"]
+    try:
+        old_eff = effective_config(old)
+    except Exception:  # noqa: BLE001 - any malformed file is simply "different"
+        return ["<unreadable config.yaml>"]
+    new_eff = effective_config(cfg)
+    diffs = []
+    for k in TrainConfig.field_names():
+        if k in NON_SEMANTIC_KEYS:
+            continue
+        if old_eff.get(k) != new_eff.get(k):
+            diffs.append(f"{k}: {old_eff.get(k)!r} -> {new_eff.get(k)!r}")
+    return diffs
+
+
+def _log_tail(path: Path, n: int = 20) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    lines = [ln.rstrip("\r") for ln in data.replace("\r\n", "\n").split("\n")]
+    lines = [ln.split("\r")[-1] for ln in lines]  # keep the last state of tqdm-style lines
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines[-n:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Child processes
+# ----------------------------------------------------------------------------------------------
+def resolve_train_command(train_command: Sequence[str] | str | None = None) -> list[str]:
+    """The child command prefix: argument, else $METAXL_TRAIN_CMD (shell words), else the default.
+
+    ``{python}`` is replaced by the interpreter of the machine that launches the child.
+
+    >>> resolve_train_command("python fake_train.py")
+    ['python', 'fake_train.py']
+    """
+    if train_command is None:
+        env = os.environ.get(TRAIN_CMD_ENV, "").strip()
+        if env:
+            train_command = env
+    if train_command is None:
+        return list(DEFAULT_TRAIN_COMMAND)
+    if isinstance(train_command, str):
+        parts = shlex.split(train_command)
+    else:
+        parts = [str(p) for p in train_command]
+    if not parts:
+        raise ConfigError(f"empty train command (${TRAIN_CMD_ENV}); give e.g. 'python -m metaxl train'")
+    return parts
+
+
+def _child_argv(prefix: Sequence[str], run_dir: Path) -> list[str]:
+    return [
+        *(sys.executable if p == "{python}" else p for p in prefix),
+        "--config",
+        str(run_dir / "config.yaml"),
+        "--output-dir",
+        str(run_dir),
+        "--resume",
+    ]
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    env = {}
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if var not in os.environ:
+            env[var] = str(max(1, threads))
+    if "TOKENIZERS_PARALLELISM" not in os.environ:
+        env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError, OSError):
+        try:
+            proc.send_signal(sig)
+        except (ProcessLookupError, OSError):
+            pass
+
+
+def run_child(
+    prefix: Sequence[str],
+    run_dir: str,
+    env_updates: dict[str, str],
+    header: str,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    grace_s: float = 10.0,
+) -> int:
+    """Run one training child, stdout+stderr appended to ``run_dir/train.log``; return its exit code.
+
+    Used by the local backend and, unchanged, inside Ray tasks: on KeyboardInterrupt (how Ray
+    cancels a task) the child's process group gets SIGTERM, then SIGKILL after ``grace_s``.
+
+    >>> run_child(["true"], "/tmp", {}, "")   # doctest: +SKIP
+    0
+    """
+    rdir = Path(run_dir)
+    argv = _child_argv(prefix, rdir)
+    env = {**os.environ, **env_updates}
+    with open(rdir / "train.log", "ab") as log:
+        log.write(f"\n===== {header} {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            if on_start is not None:
+                on_start(proc)
+            return proc.wait()
+        except BaseException:
+            _kill_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc, signal.SIGKILL)
+                proc.wait()
+            raise
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep runner
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SweepOutcome:
+    """Counts after a sweep invocation; ``exit_code`` is what ``metaxl sweep`` returns."""
+
+    total: int = 0
+    finished_before: int = 0
+    launched: int = 0
+    finished: int = 0
+    failed: int = 0
+    skipped_failed: int = 0
+    interrupted: int = 0
+    runs_dir: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if (self.failed or self.skipped_failed) else 0
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def _sweep_lock(runs_dir: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-Unix
+        yield
+        return
+    path = runs_dir / LOCK_FILE
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise MetaXLError(
+                f"another metaxl sweep is running on {runs_dir} (lock {path}); wait for it to end or stop it"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def _pid_runs(pid: int, needle: str) -> bool:
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        return needle in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+
+
+class _State:
+    """``runs_dir/sweep_state.json``: informative per-run record, written atomically."""
+
+    def __init__(self, runs_dir: Path, sweep: str) -> None:
+        self.path = runs_dir / STATE_FILE
+        self.lock = threading.Lock()
+        old = _read_json(self.path) or {}
+        self.data: dict[str, Any] = {"sweep": sweep, "runs": dict(old.get("runs") or {})}
+
+    def get(self, name: str) -> dict[str, Any]:
+        return dict(self.data["runs"].get(name) or {})
+
+    def update(self, name: str, **fields: Any) -> None:
+        with self.lock:
+            entry = self.data["runs"].setdefault(name, {})
+            entry.update(fields)
+            for k in [k for k, v in fields.items() if v is None]:
+                entry.pop(k, None)
+            self._write()
+
+    def save(self, **summary: Any) -> None:
+        with self.lock:
+            self.data["summary"] = summary
+            self._write()
+
+    def _write(self) -> None:
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=False))
+        os.replace(tmp, self.path)
+
+
+class _Runner:
+    def __init__(
+        self,
+        runs_dir: Path,
+        runs: list[PlannedRun],
+        state: _State,
+        prefix: list[str],
+        env: dict[str, str],
+        out: TextIO,
+        grace_s: float,
+    ) -> None:
+        self.runs_dir = runs_dir
+        self.runs = runs
+        self.state = state
+        self.prefix = prefix
+        self.env = env
+        self.out = out
+        self.grace_s = grace_s
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self.lock = threading.Lock()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.outcome: dict[str, str] = {}
+
+    # -- preparing and concluding a run (driver side, shared by both backends) --
+    def prepare(self, run: PlannedRun) -> Path:
+        rdir = run.directory(self.runs_dir)
+        rdir.mkdir(parents=True, exist_ok=True)
+        cfg = run.config.replace(output_dir=str(rdir))
+        cfg.to_yaml(rdir / "config.yaml")
+        (rdir / FAILED_MARKER).unlink(missing_ok=True)
+        launches = int(self.state.get(run.name).get("launches", 0)) + 1
+        self.state.update(
+            run.name,
+            status="running",
+            launches=launches,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            exit_code=None,
+            reason=None,
+            log_tail=None,
+            ended=None,
+        )
+        return rdir
+
+    def conclude(self, run: PlannedRun, rc: int | None, error: str | None = None) -> str:
+        rdir = run.directory(self.runs_dir)
+        results = _read_json(rdir / "results.json")
+        status = results.get("status") if results else None
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        if rc == 0 and status == "finished":
+            self.state.update(run.name, status="finished", exit_code=0, ended=now, pid=None)
+            return "finished"
+        if self.stop.is_set() and status != "failed":
+            self.state.update(run.name, status="interrupted", exit_code=rc, ended=now, pid=None)
+            return "interrupted"
+        if error is not None:
+            reason = error
+        elif rc is not None and rc < 0:
+            reason = f"killed by signal {-rc} ({_signame(-rc)})"
+        elif rc:
+            reason = f"exited with code {rc}"
+        elif status == "failed":
+            reason = "results.json says status 'failed'"
+        else:
+            reason = f"exited 0 but results.json status is {status!r} (expected 'finished')"
+        tail = _log_tail(rdir / "train.log")
+        header = [
+            f"exit_code: {rc}",
+            f"reason: {reason}",
+            f"time: {now}",
+            f"command: {shlex.join(_child_argv(self.prefix, rdir))}",
+        ]
+        text = "\n".join(header) + "\n--- last lines of train.log ---\n" + "\n".join(tail) + "\n"
+        (rdir / FAILED_MARKER).write_text(text)
+        self.state.update(
+            run.name, status="failed", exit_code=rc, reason=reason, log_tail=tail, ended=now, pid=None
+        )
+        return "failed"
+
+    # -- local backend --
+    def _run_local(self, run: PlannedRun) -> str:
+        if self.stop.is_set():
+            return "not started"
+        rdir = self.prepare(run)
+
+        def on_start(proc: subprocess.Popen[bytes]) -> None:
+            with self.lock:
+                self.procs[run.name] = proc
+                stopping = self.stop.is_set()
+            self.state.update(run.name, pid=proc.pid)
+            if stopping:
+                _kill_group(proc, signal.SIGTERM)
+
+        try:
+            rc = run_child(self.prefix, str(rdir), self.env, f"launch {run.name}", on_start, self.grace_s)
+        except OSError as e:
+            return self.conclude(run, None, error=f"could not start {self.prefix[0]!r}: {e}")
+        finally:
+            with self.lock:
+                self.procs.pop(run.name, None)
+        return self.conclude(run, rc)
+
+    def terminate_all(self, sig: int = signal.SIGTERM) -> None:
+        with self.lock:
+            procs = list(self.procs.values())
+        for p in procs:
+            _kill_group(p, sig)
+
+    def run_local(self, jobs: int, bar: Any) -> None:
+        pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="metaxl-sweep")
+        futures: dict[Future[str], PlannedRun] = {pool.submit(self._run_local, r): r for r in self.runs}
+        pending = set(futures)
+        killed_at: float | None = None
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                for f in done:
+                    self._record(futures[f], f.result(), bar)
+                if self.stop.is_set():
+                    if killed_at is None:
+                        killed_at = time.monotonic()
+                        self.terminate_all(signal.SIGTERM)
+                    elif time.monotonic() - killed_at > self.grace_s:
+                        self.terminate_all(signal.SIGKILL)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- ray backend --
+    def run_ray(self, jobs: int | None, num_cpus: float, num_gpus: float, bar: Any) -> None:
+        ray = import_ray()
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(address="auto")
+            else:
+                ray.init()
+        task = ray.remote(run_child).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        queue = list(self.runs)
+        inflight: dict[Any, PlannedRun] = {}
+        limit = jobs if jobs and jobs > 0 else len(queue)
+        cancelled = False
+        while queue or inflight:
+            while queue and len(inflight) < limit and not self.stop.is_set():
+                run = queue.pop(0)
+                rdir = self.prepare(run)
+                inflight[task.remote(self.prefix, str(rdir), self.env, f"ray launch {run.name}")] = run
+            if self.stop.is_set():
+                queue.clear()
+                if not cancelled:
+                    for ref in inflight:
+                        ray.cancel(ref, force=False)
+                    cancelled = True
+            if not inflight:
+                break
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                run = inflight.pop(ref)
+                try:
+                    rc = ray.get(ref)
+                    result = self.conclude(run, int(rc))
+                except Exception as e:  # noqa: BLE001 - task errors / cancellation
+                    if self.stop.is_set():
+                        result = self.conclude(run, None)
+                    else:
+                        result = self.conclude(run, None, error=f"ray task failed: {type(e).__name__}: {e}")
+                self._record(run, result, bar)
+
+    def _record(self, run: PlannedRun, result: str, bar: Any) -> None:
+        self.outcome[run.name] = result
+        if result == "failed":
+            info = self.state.get(run.name)
+            msg = f"FAILED {run.name}: {info.get('reason', '')} (see {run.directory(self.runs_dir) / 'train.log'})"
+            bar.write(msg, file=self.out)
+        if result in ("finished", "failed"):
+            bar.update(1)
+        counts = {k: sum(1 for v in self.outcome.values() if v == k) for k in ("finished", "failed")}
+        bar.set_postfix(done=counts["finished"], failed=counts["failed"], refresh=True)
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return "?"
+
+
+def import_ray() -> Any:
+    """Import ray, or raise a MetaXLError saying how to install it.
+
+    >>> import_ray()  # doctest: +SKIP
+    <module 'ray' ...>
+    """
+    try:
+        import ray
+    except ImportError:
+        raise MetaXLError(
+            'the Ray backend needs the ray package: pip install "metaxl[ray]" (or use --backend local)'
+        ) from None
+    return ray
+
+
+def run_sweep(
+    sweep: str | Path | SweepSpec,
+    *,
+    runs_dir: str | Path | None = None,
+    jobs: int | None = None,
+    backend: str = "local",
+    dry_run: bool = False,
+    retry_failed: bool = False,
+    train_command: Sequence[str] | str | None = None,
+    related: RelatedFn | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    out: TextIO | None = None,
+    progress: bool = True,
+    grace_s: float = 10.0,
+) -> SweepOutcome:
+    """Plan and run a sweep; returns counts (``outcome.exit_code``: 0 ok, 1 failures, 130 interrupted).
+
+    Finished runs are skipped, unfinished ones relaunched with ``--resume``, failed ones only with
+    ``retry_failed``. SIGINT/SIGTERM stop the sweep: children are terminated, the state is saved.
+
+    >>> outcome = run_sweep("examples/sweeps/ner_masakhaner.yaml", dry_run=True)  # doctest: +SKIP
+    >>> outcome.total                                                                # doctest: +SKIP
+    120
+    """
+    out = out if out is not None else sys.stdout
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"--backend {backend!r} is not valid; choose local or ray")
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if isinstance(sweep, SweepSpec):
+        spec, sweep_name = sweep, sweep.where
+    else:
+        spec, sweep_name = load_sweep(sweep), str(sweep)
+    stats = ExpansionStats()
+    runs = expand_sweep(spec, related=related, stats=stats)
+    if runs_dir is None:
+        runs_dir = spec.runs_dir or str(Path("runs") / (spec.name or "sweep"))
+    rdir = Path(runs_dir).absolute()
+    prefix = resolve_train_command(train_command)
+
+    # Classify; refuse to mix a changed config with an existing run folder.
+    status: dict[str, str] = {}
+    mismatches = []
+    for r in runs:
+        d = r.directory(rdir)
+        status[r.name] = run_status(d)
+        if (d / "config.yaml").exists():
+            diffs = _config_differences(d / "config.yaml", r.config)
+            if diffs:
+                mismatches.append(f"{d}: {'; '.join(diffs[:4])}")
+    if mismatches:
+        raise ConfigError(
+            f"{len(mismatches)} run folder(s) under {rdir} hold a different config than {sweep_name} now gives, "
+            f"e.g. {mismatches[0]}. Use another --runs-dir, or delete those folders to re-run them"
+        )
+    n_fin = sum(1 for s in status.values() if s == "finished")
+    n_failed = sum(1 for s in status.values() if s == "failed")
+    n_unfin = sum(1 for s in status.values() if s == "unfinished")
+    todo = [
+        r
+        for r in runs
+        if status[r.name] in ("new", "unfinished") or (retry_failed and status[r.name] == "failed")
+    ]
+    outcome = SweepOutcome(total=len(runs), finished_before=n_fin, runs_dir=str(rdir))
+    outcome.skipped_failed = 0 if retry_failed else n_failed
+    print(
+        f"sweep {sweep_name}: {len(runs)} runs ({stats.combinations} grid combinations, "
+        f"{stats.duplicates} duplicates merged, {stats.excluded} excluded) in {rdir}",
+        file=out,
+    )
+    fail_note = "" if retry_failed or not n_failed else " (skipped; --retry-failed re-runs them)"
+    print(
+        f"plan: {len(runs)} runs, {n_fin} already finished, {n_failed} failed{fail_note}, "
+        f"{len(todo)} to run ({n_unfin} to resume)",
+        file=out,
+    )
+    if dry_run:
+        for r in runs:
+            print(f"  {status[r.name]:<10} {r.name}", file=out)
+        out.flush()
+        return outcome
+    if not todo:
+        out.flush()
+        return outcome
+
+    if backend == "ray":
+        import_ray()  # fail early with the install hint
+    rdir.mkdir(parents=True, exist_ok=True)
+    with _sweep_lock(rdir):
+        state = _State(rdir, sweep_name)
+        for r in todo:
+            info = state.get(r.name)
+            pid = info.get("pid")
+            if (
+                info.get("status") == "running"
+                and isinstance(pid, int)
+                and _pid_runs(pid, str(r.directory(rdir)))
+            ):
+                raise MetaXLError(
+                    f"run {r.name} is still running as pid {pid} from an earlier sweep that was killed; "
+                    f"wait for it or kill it (kill {pid}) and run the sweep again"
+                )
+        for r in runs:
+            if status[r.name] == "finished":
+                state.update(r.name, status="finished", pid=None)
+            elif status[r.name] == "failed" and r not in todo:
+                fm = read_failed_marker(r.directory(rdir) / FAILED_MARKER)
+                state.update(r.name, status="failed", reason=fm.get("reason", "results.json status 'failed'"))
+            elif r in todo:
+                state.update(r.name, status="pending", pid=None)
+
+        if backend == "ray":
+            cpus = float(num_cpus if num_cpus is not None else spec.ray.get("num_cpus", 1))
+            gpus = float(num_gpus if num_gpus is not None else spec.ray.get("num_gpus", 0))
+            env = _thread_env(max(1, int(cpus)))
+        else:
+            jobs = jobs or 1
+            env = _thread_env(_cores() // jobs)
+        runner = _Runner(rdir, todo, state, prefix, env, out, grace_s)
+
+        def handler(signum: int, frame: types.FrameType | None) -> None:
+            if runner.stop.is_set():  # second signal: no more grace
+                runner.terminate_all(signal.SIGKILL)
+            runner.signum = signum
+            runner.stop.set()
+
+        installed: dict[Any, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                installed[sig] = signal.signal(sig, handler)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(todo),
+            desc="runs",
+            unit="run",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        try:
+            if backend == "ray":
+                runner.run_ray(jobs, cpus, gpus, bar)
+            else:
+                runner.run_local(jobs or 1, bar)
+        finally:
+            bar.close()
+            for sig, old in installed.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+            for r in todo:
+                if runner.outcome.get(r.name, "not started") == "not started":
+                    runner.outcome[r.name] = "not started"
+                    state.update(r.name, status="pending", pid=None)
+            res = list(runner.outcome.values())
+            outcome.launched = sum(1 for v in res if v != "not started")
+            outcome.finished = res.count("finished")
+            outcome.failed = res.count("failed")
+            outcome.interrupted = res.count("interrupted") + (
+                res.count("not started") if runner.stop.is_set() else 0
+            )
+            state.save(
+                total=len(runs),
+                finished=n_fin + outcome.finished,
+                failed=outcome.failed + outcome.skipped_failed,
+                interrupted=outcome.interrupted,
+            )
+    msg = (
+        f"done: {outcome.finished} finished, {outcome.failed} failed"
+        + (f", {outcome.skipped_failed} failed earlier (skipped)" if outcome.skipped_failed else "")
+        + (f", {outcome.interrupted} interrupted" if outcome.interrupted else "")
+    )
+    print(msg, file=out)
+    if outcome.failed or outcome.skipped_failed:
+        print(f"failures are listed in {rdir / STATE_FILE} and each run's {FAILED_MARKER} file", file=out)
+    if outcome.interrupted:
+        print("interrupted: run the same command again to resume", file=out)
+    out.flush()
+    return outcome
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    outcome = run_sweep(
+        args.config,
+        runs_dir=args.runs_dir,
+        jobs=args.jobs,
+        backend=args.backend,
+        dry_run=args.dry_run,
+        retry_failed=args.retry_failed,
+        num_cpus=args.ray_num_cpus,
+        num_gpus=args.ray_num_gpus,
+        progress=not args.no_progress,
+    )
+    return outcome.exit_code
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``sweep`` subcommand to an argparse subparsers object.
+
+    >>> import argparse
+    >>> p = argparse.ArgumentParser(); register_cli(p.add_subparsers())
+    >>> p.parse_args(["sweep", "s.yaml", "--jobs", "2"]).jobs
+    2
+    """
+    p = subparsers.add_parser(
+        "sweep",
+        help="run a grid of training runs (resumable; local processes or Ray)",
+        description="Expand a sweep YAML (base:, grid:, exclude:) into runs and train them. Re-running skips "
+        "finished runs and resumes unfinished ones. See docs/sweeps.md.",
+    )
+    p.add_argument("config", help="sweep YAML file")
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        help="folder for the runs (default: runs_dir: in the YAML, else runs/<name>)",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=None, help="parallel runs (local default 1; ray: cap on runs in flight)"
+    )
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and each run's status; launch nothing"
+    )
+    p.add_argument("--retry-failed", action="store_true", help="also re-run runs that failed before")
+    p.add_argument(
+        "--ray-num-cpus", type=float, default=None, help="CPUs per Ray task (default: ray.num_cpus or 1)"
+    )
+    p.add_argument(
+        "--ray-num-gpus", type=float, default=None, help="GPUs per Ray task (default: ray.num_gpus or 0)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m metaxl.sweep CONFIG ...`` (same flags as ``metaxl sweep``)."""
+    parser = argparse.ArgumentParser(prog="metaxl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_cli(sub)
+    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except MetaXLError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

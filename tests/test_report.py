@@ -1,0 +1,372 @@
+"""Report tables, statistics and outputs recomputed from synthetic results.json files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from metaxl.errors import MetaXLError
+from metaxl.report import cell_stats, make_report, paired_stats
+
+REPO = Path(__file__).resolve().parents[1]
+RELATED = {"masakhaner2:luo": "masakhaner2:swa", "masakhaner2:wol": "masakhaner2:fr"}
+
+
+def related(target: str) -> tuple[str, str]:
+    if target not in RELATED:
+        raise MetaXLError(f"no related language for {target}")
+    return RELATED[target], "test"
+
+
+def write_run(
+    root: Path,
+    name: str,
+    *,
+    method: str,
+    target: str,
+    source: list[str] | None,
+    seed: int,
+    f1: float | None,
+    status: str = "finished",
+    source_size: int | None = 1000,
+    task: str = "ner",
+    **config: object,
+) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {
+        "method": method,
+        "target": target,
+        "source": source or [],
+        "seed": seed,
+        "source_size": source_size,
+        "task": task,
+        **config,
+    }
+    res: dict = {
+        "status": status,
+        "config": cfg,
+        "method": method,
+        "task": task,
+        "target": target,
+        "source": source or [],
+        "seed": seed,
+        "source_size": source_size,
+    }
+    if f1 is not None:
+        res.update(dev={"f1": f1 + 1, "precision": 1.0}, test={"f1": f1, "precision": 2.0}, best_epoch=1)
+    (d / "results.json").write_text(json.dumps(res))
+    (d / "checkpoint").mkdir()
+    (d / "checkpoint" / "config.yaml").write_text("not a run\n")  # must not be read as a run
+    return d
+
+
+# (method, source kind) -> target -> [seed1, seed2, seed3]
+VALUES = {
+    ("target-only", None): {"masakhaner2:luo": [50.0, 52.0, 51.0], "masakhaner2:wol": [40.0, 41.0, 45.0]},
+    ("jt", "en"): {"masakhaner2:luo": [60.0, 62.0, 64.0], "masakhaner2:wol": [55.0, 57.0, 53.0]},
+    ("metaxl", "en"): {"masakhaner2:luo": [63.0, 62.5, 66.0], "masakhaner2:wol": [58.0, 56.0, 57.5]},
+    ("jt", "related"): {"masakhaner2:luo": [70.0, 71.0, 72.0], "masakhaner2:wol": [61.0, 60.0, 62.0]},
+    ("metaxl", "related"): {"masakhaner2:luo": [71.0, 73.5, 71.5], "masakhaner2:wol": [63.0, 59.0, 64.0]},
+}
+
+
+def make_runs(root: Path) -> None:
+    for (method, kind), per_target in VALUES.items():
+        for target, vals in per_target.items():
+            for seed, v in enumerate(vals, start=1):
+                src = None if kind is None else ["masakhaner2:en"] if kind == "en" else [RELATED[target]]
+                name = f"ner/{target.split(':')[1]}/{method}/{kind}/seed{seed}"
+                write_run(
+                    root,
+                    name,
+                    method=method,
+                    target=target,
+                    source=src,
+                    seed=seed,
+                    f1=v,
+                    rtn_layers=[12],
+                    lr=3e-5,
+                )
+    write_run(
+        root,
+        "ner/luo/metaxl/en/seed9",
+        method="metaxl",
+        target="masakhaner2:luo",
+        source=["masakhaner2:en"],
+        seed=9,
+        f1=None,
+        status="running",
+    )
+    bad = root / "ner/wol/metaxl/en/seed7"
+    bad.mkdir(parents=True)
+    (bad / "config.yaml").write_text("method: metaxl\n")
+    (bad / "FAILED").write_text(
+        "exit_code: 1\nreason: exited with code 1\n--- last lines of train.log ---\nboom\n"
+    )
+    broken = root / "ner/wol/jt/en/seed8"
+    broken.mkdir(parents=True)
+    (broken / "results.json").write_text("{not json")
+
+
+def md_table(text: str, heading: str) -> list[list[str]]:
+    lines = text.split(f"## {heading}\n", 1)[1].strip().splitlines()
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_tables_stats_and_outputs(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    make_runs(runs)
+    res = make_report(runs, related=related)
+    assert res.counts == {
+        "finished": 30,
+        "unfinished": 1,
+        "failed": 1,
+        "unreadable": 1,
+        "read": 33,
+        "duplicates": 0,
+        "no_metric": 0,
+    }
+    assert [t.title for t in res.tables] == ["NER, source size 1000"]
+    table = res.tables[0]
+    assert table.columns == ["luo", "wol"]
+    assert [r.label for r in table.rows] == [
+        "target only",
+        "JT (en)",
+        "MetaXL (en)",
+        "JT (related)",
+        "MetaXL (related)",
+    ]
+    row = {r.label: r for r in table.rows}
+    # hand-computed cells
+    c = row["JT (en)"].cells["masakhaner2:luo"]
+    assert (c.mean, c.std, c.n) == (62.0, 2.0, 3)
+    wol = VALUES[("metaxl", "related")]["masakhaner2:wol"]
+    c = row["MetaXL (related)"].cells["masakhaner2:wol"]
+    assert c.mean == pytest.approx(statistics.mean(wol)) and c.std == pytest.approx(statistics.stdev(wol))
+    # avg: mean of the per-target means; std over seeds of the per-seed averages
+    per_seed = [(a + b) / 2 for a, b in zip(*VALUES[("target-only", None)].values(), strict=True)]
+    avg = row["target only"].avg
+    assert avg.mean == pytest.approx(statistics.mean(per_seed)) and avg.std == pytest.approx(
+        statistics.stdev(per_seed)
+    )
+
+    # paired MetaXL - JT per source kind over (language, seed) pairs
+    assert [(c.kind, c.treatment, c.control) for c in res.comparisons] == [
+        ("en", "MetaXL (en)", "JT (en)"),
+        ("related", "MetaXL (related)", "JT (related)"),
+    ]
+    for comp, kind in zip(res.comparisons, ("en", "related"), strict=True):
+        a = [v for t in RELATED for v in VALUES[("metaxl", kind)][t]]
+        b = [v for t in RELATED for v in VALUES[("jt", kind)][t]]
+        d = [x - y for x, y in zip(a, b, strict=True)]
+        n, m, sd = len(d), statistics.mean(d), statistics.stdev(d)
+        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        s = comp.stats
+        assert s.n == 6 and s.mean == pytest.approx(m)
+        assert (s.ci_low, s.ci_high) == (pytest.approx(m - half), pytest.approx(m + half))
+        assert (s.wins, s.losses, s.ties) == (
+            sum(x > 0 for x in d),
+            sum(x < 0 for x in d),
+            sum(x == 0 for x in d),
+        )
+        t_stat = m / (sd / math.sqrt(n))
+        assert s.t_p == pytest.approx(2 * stats.t.sf(abs(t_stat), n - 1))
+        assert s.wilcoxon_p == pytest.approx(stats.wilcoxon(d).pvalue)
+
+    # report.md: the counts line, the table shape, significance and failures
+    text = res.markdown_path.read_text()
+    assert (
+        "Read 33 run folders" in text and "30 finished, 1 skipped unfinished, 1 failed, 1 unreadable" in text
+    )
+    rows = md_table(text, "NER, source size 1000")
+    assert rows[0] == ["setting", "luo", "wol", "avg"]
+    assert len(rows) == 2 + 5 and all(len(r) == 4 for r in rows)
+    assert rows[4][0] == "MetaXL (en)"
+    assert rows[3][1] == "62.00 ± 2.00"
+    assert "(n=" not in text
+    assert "| NER, source size 1000 | en | MetaXL (en) − JT (en) | 6 |" in text
+    assert "`ner/wol/metaxl/en/seed7` | exit code 1: exited with code 1" in text
+    assert "ner/luo/metaxl/en/seed9" in text
+
+    # CSV: same shape, full-precision numbers
+    with open(res.out_dir / "ner_n1000.csv") as f:
+        data = list(csv.reader(f))
+    assert data[0] == [
+        "setting",
+        "luo mean",
+        "luo std",
+        "luo n",
+        "wol mean",
+        "wol std",
+        "wol n",
+        "avg mean",
+        "avg std",
+        "avg n",
+    ]
+    assert [r[0] for r in data[1:]] == [r.label for r in table.rows]
+    assert float(data[2][1]) == 62.0 and float(data[2][2]) == 2.0 and data[2][3] == "3"
+    with open(res.out_dir / "significance.csv") as f:
+        sig = list(csv.DictReader(f))
+    assert float(sig[0]["mean_diff"]) == pytest.approx(res.comparisons[0].stats.mean)
+    png = res.out_dir / "ner_n1000.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+    # recomputable: a second report (its own output folder inside runs/ is ignored) is identical
+    again = make_report(runs, related=related)
+    assert again.markdown_path.read_text() == text
+
+
+def test_uneven_seeds_sizes_variants_and_settings(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    t = "masakhaner2:luo"
+    for seed, v in [(1, 60.0), (2, 61.0)]:
+        write_run(runs, f"jt/{seed}", method="jt", target=t, source=["masakhaner2:en"], seed=seed, f1=v)
+        write_run(
+            runs,
+            f"jt5k/{seed}",
+            method="jt",
+            target=t,
+            source=["masakhaner2:en"],
+            seed=seed,
+            f1=v + 5,
+            source_size=5000,
+        )
+        for layers in ([12], [0, 12]):
+            write_run(
+                runs,
+                f"mx{len(layers)}/{seed}",
+                method="metaxl",
+                target=t,
+                source=["masakhaner2:en"],
+                seed=seed,
+                f1=v + len(layers),
+                rtn_layers=layers,
+                hypergrad="exact",
+            )
+    write_run(runs, "to/1", method="target-only", target=t, source=None, seed=1, f1=50.0)
+    write_run(
+        runs,
+        "sa/1",
+        method="jt",
+        target="nusax:balinese",
+        source=["nusax:english"],
+        seed=1,
+        f1=70.0,
+        task="sa",
+        sa_labels="binary",
+        source_size=None,
+    )
+    write_run(
+        runs,
+        "sa3/1",
+        method="jt",
+        target="nusax:balinese",
+        source=["nusax:english"],
+        seed=1,
+        f1=50.0,
+        task="sa",
+        sa_labels="3way",
+        source_size=None,
+    )
+    write_run(
+        runs,
+        "sa3/2",
+        method="jt",
+        target="nusax:balinese",
+        source=["nusax:english"],
+        seed=1,
+        f1=99.0,
+        task="sa",
+        sa_labels="3way",
+        source_size=None,
+    )  # duplicate seed: ignored
+    res = make_report(runs, tmp_path / "out", related=None)
+    titles = [tb.title for tb in res.tables]
+    assert titles == [
+        "NER, source size 1000",
+        "NER, source size 5000",
+        "SA (3way labels), source size all",
+        "SA (binary labels), source size all",
+    ]
+    t1000 = res.tables[0]
+    assert [r.label for r in t1000.rows] == [
+        "target only",
+        "JT (en)",
+        "MetaXL (en; L12)",
+        "MetaXL (en; L0+12)",
+    ]
+    assert [r.label for r in res.tables[1].rows] == ["target only", "JT (en)"]  # target-only in every table
+    text = res.markdown_path.read_text()
+    rows = md_table(text, "NER, source size 1000")
+    assert rows[1 + 1][1] == "50.00 (n=1)" and rows[1 + 2][1] == "60.50 ± 0.71 (n=2)"
+    assert res.counts["duplicates"] == 1
+    assert res.tables[2].rows[0].cells["nusax:balinese"].mean == 50.0
+    # one comparison per MetaXL setting, paired with the same JT runs
+    assert [(c.treatment, c.stats.n, c.stats.mean) for c in res.comparisons] == [
+        ("MetaXL (en; L12)", 2, 1.0),
+        ("MetaXL (en; L0+12)", 2, 2.0),
+    ]
+    assert math.isnan(res.comparisons[0].stats.t_p)  # constant differences: t-test undefined
+    for slug in ("ner_n1000", "ner_n5000", "sa-binary_nall", "sa-3way_nall"):
+        assert (tmp_path / "out" / f"{slug}.csv").exists() and (tmp_path / "out" / f"{slug}.png").exists()
+
+
+def test_helpers() -> None:
+    c = cell_stats([1.0])
+    assert c.n == 1 and c.mean == 1.0 and math.isnan(c.std)
+    s = paired_stats([1.0, 2.0], [1.0, 2.0])
+    assert (s.ties, s.mean) == (2, 0.0) and math.isnan(s.wilcoxon_p)
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(MetaXLError, match="runs folder not found"):
+        make_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MetaXLError, match="no runs under"):
+        make_report(tmp_path / "empty")
+    write_run(
+        tmp_path / "r", "a", method="jt", target="masakhaner2:luo", source=["masakhaner2:en"], seed=1, f1=1.0
+    )
+    with pytest.raises(MetaXLError, match="available test metrics: f1, precision"):
+        make_report(tmp_path / "r", metric="accuracy")
+    res = make_report(tmp_path / "r", metric="precision", split="dev", plots=False)
+    assert res.tables[0].rows[0].cells["masakhaner2:luo"].mean == 1.0
+    assert not list((tmp_path / "r" / "report").glob("*.png"))
+
+
+def test_module_cli(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    make_runs(runs)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
+    r = subprocess.run(
+        [sys.executable, "-m", "metaxl.report", str(runs), "--out", str(tmp_path / "rep")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "30 finished" in r.stdout and (tmp_path / "rep" / "report.md").exists()
+    r = subprocess.run(
+        [sys.executable, "-m", "metaxl.report", str(tmp_path / "missing")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "runs folder not found" in r.stderr and "Traceback" not in r.stderr
