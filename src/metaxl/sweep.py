@@ -221,7 +221,7 @@ def effective_config(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
 
     >>> eff = effective_config({"method": "target-only", "source": ["masakhaner2:en"], "rtn_layers": [0]})
     >>> eff["source"], eff["source_size"], eff["rtn_layers"]
-    ([], None, [12])
+    ([], None, [-1])
     """
     d = dict(_DEFAULTS)
     d.update(cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg)

@@ -1,0 +1,311 @@
+"""One optimisation step per method: target-only, JT, JT+RTN and MetaXL.
+
+The training loop (:mod:`metaxl.train`) is the same for every method; only :meth:`Learner.step`
+differs. The MetaXL step follows Algorithm 1 of the paper, with the official code's choices:
+
+1. training loss ``L_train(theta, phi) = L_src(theta, phi) + L_tgt(theta)`` (source through the RTN,
+   target half-batch without it) and its gradient ``g = d L_train / d theta``;
+2. virtual step ``theta' = theta - a * g`` (``a`` = current main lr unless ``inner_lr`` is set),
+   taken functionally with :func:`torch.func.functional_call`, never by mutating parameters;
+3. meta loss ``L_meta(theta')`` on a target meta batch; its gradient into phi only:
+   ``d L_meta(theta'(phi)) / d phi = -a * d/dphi <g(theta, phi), g'>`` with ``g' = grad L_meta(theta')``
+   held constant: *exact* (second-order autograd through ``g``) or *finite-difference* (DARTS:
+   ``-a * (grad_phi L_train(theta + e g') - grad_phi L_train(theta - e g')) / 2e``);
+4. phi's optimiser steps; then ``L_train`` is recomputed with the new phi and theta's optimiser
+   steps on it (gradient clipped).
+
+Under ``torch.distributed`` every gradient is averaged across processes so that one step equals
+the single-process step on the global batch.
+
+>>> # see tests/test_meta.py for a complete worked example on a tiny model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .config import TrainConfig
+from .rtn import RTNInjector
+
+Batch = dict[str, torch.Tensor]
+
+_LAYER_RE = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
+
+
+def param_depth(name: str, num_layers: int) -> int:
+    """Depth of a parameter: 0 for embeddings, i for encoder layer i (1-based), N+1 for heads.
+
+    >>> param_depth("bert.embeddings.word_embeddings.weight", 12)
+    0
+    >>> param_depth("bert.encoder.layer.11.output.dense.weight", 12)
+    12
+    >>> param_depth("classifier.weight", 12)
+    13
+    """
+    match = _LAYER_RE.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    if ".embeddings." in f".{name}" or "embeddings" in name.split(".")[:2]:
+        return 0
+    return num_layers + 1
+
+
+def batch_loss(model: nn.Module, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean loss of ``model`` on ``batch``, optionally at substituted parameters ``params``.
+
+    >>> # loss = batch_loss(model, batch)                     # at the model's own weights
+    >>> # loss = batch_loss(model, batch, {"classifier.weight": w})  # functionally at w
+    """
+    if params is None:
+        return model(**batch).loss
+    return functional_call(model, params, args=(), kwargs=batch, strict=False).loss
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def allreduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average tensors in place across processes (no-op without torch.distributed)."""
+    if not _dist_ready():
+        return
+    world = torch.distributed.get_world_size()
+    for t in tensors:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        t.div_(world)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    meta_loss: float | None = None
+    phi_grad_norm: float | None = None
+
+
+class Learner:
+    """Holds the model, the RTNs and both optimisers, and takes one step of the chosen method.
+
+    Args:
+        model: HF model with a classification head, returning ``.loss`` when given ``labels``.
+        injector: the RTNs (None for target-only and JT).
+        cfg: the training configuration (method, hypergrad, inner_lr, ...).
+        opt_theta, sched_theta: optimiser and lr schedule of the model parameters.
+        opt_phi, sched_phi: those of the RTN parameters (None without RTN).
+        autocast: a context-manager factory for mixed precision (``contextlib.nullcontext`` in fp32).
+        scaler: a ``torch.amp.GradScaler`` for fp16, else None.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        injector: RTNInjector | None,
+        cfg: TrainConfig,
+        opt_theta: torch.optim.Optimizer,
+        sched_theta: Any,
+        opt_phi: torch.optim.Optimizer | None = None,
+        sched_phi: Any = None,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        scaler: Any = None,
+    ) -> None:
+        self.model = model
+        self.injector = injector
+        self.cfg = cfg
+        self.opt_theta = opt_theta
+        self.sched_theta = sched_theta
+        self.opt_phi = opt_phi
+        self.sched_phi = sched_phi
+        self.autocast = autocast
+        self.scaler = scaler
+        self.method = cfg.method
+        self.theta = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        config = getattr(model, "config", None)
+        num_layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", 0) or 0)
+        self.virtual_names = [n for n in self.theta if param_depth(n, num_layers) >= cfg.virtual_from_layer]
+        self.phi = list(injector.parameters()) if injector is not None else []
+
+    # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def _rtn(self, source: int) -> Iterator[None]:
+        if self.injector is None:
+            yield
+        else:
+            with self.injector.applied(source):
+                yield
+
+    def current_lr(self) -> float:
+        return float(self.opt_theta.param_groups[0]["lr"])
+
+    def inner_lr(self) -> float:
+        """The virtual-step lr ``a``: fixed, or the current main lr (official code)."""
+        return self.cfg.inner_lr if self.cfg.inner_lr is not None else self.current_lr()
+
+    def train_loss(
+        self,
+        src: Batch | None,
+        source: int,
+        tgt: Batch | None,
+        params: dict[str, torch.Tensor] | None = None,
+        rtn: bool = True,
+    ) -> torch.Tensor:
+        """``L_src`` (through the RTN when ``rtn``) + ``L_tgt`` (never through the RTN)."""
+        total: torch.Tensor | None = None
+        with self.autocast():
+            if src is not None:
+                if rtn:
+                    with self._rtn(source):
+                        total = batch_loss(self.model, src, params)
+                else:
+                    total = batch_loss(self.model, src, params)
+            if tgt is not None:
+                loss_t = batch_loss(self.model, tgt, params)
+                total = loss_t if total is None else total + loss_t
+        assert total is not None, "a step needs a source or a target batch"
+        return total
+
+    def _update_theta(self, loss: torch.Tensor, extra: list[torch.nn.Parameter] | None = None) -> None:
+        """Backward ``loss`` into theta (and ``extra``), average across processes, clip, step."""
+        params = list(self.theta.values()) + (extra or [])
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward(inputs=params)
+        else:
+            loss.backward(inputs=params)
+        allreduce_mean([p.grad for p in params if p.grad is not None])
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt_theta)
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.opt_theta)
+            self.scaler.update()
+        else:
+            self.opt_theta.step()
+        self.sched_theta.step()
+        self.opt_theta.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ steps
+    def step(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch | None = None) -> StepStats:
+        """One optimisation step of ``cfg.method`` on a source batch, a target batch and, for
+        MetaXL, a target meta batch (``meta``; None means: split ``tgt`` in halves)."""
+        if self.method == "target-only":
+            loss = self.train_loss(None, source, tgt)
+            self._update_theta(loss)
+            return StepStats(loss=float(loss.detach()))
+        if self.method == "jt":
+            loss = self.train_loss(src, source, tgt, rtn=False)
+            self._update_theta(loss)
+            return StepStats(loss=float(loss.detach()))
+        if self.method == "jt-rtn":
+            # same forward as MetaXL, plain gradient descent on theta and phi together
+            loss = self.train_loss(src, source, tgt)
+            assert self.opt_phi is not None
+            self._update_theta(loss, extra=self.phi)
+            self.opt_phi.step()
+            self.sched_phi.step()
+            self.opt_phi.zero_grad(set_to_none=True)
+            return StepStats(loss=float(loss.detach()))
+        if self.method == "metaxl":
+            if meta is None:
+                assert tgt is not None
+                tgt, meta = split_batch(tgt)
+            return self.metaxl_step(src, source, tgt, meta)
+        raise ValueError(f"unknown method {self.method}")
+
+    def hypergradient(
+        self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
+    ) -> tuple[list[torch.Tensor], float]:
+        """``d L_meta(theta - a * grad L_train(theta, phi)) / d phi`` at the current theta, phi.
+
+        Returns the gradient for each RTN parameter and the meta loss. ``cfg.hypergrad`` picks
+        the exact second-order computation or the finite-difference approximation.
+        """
+        names = self.virtual_names
+        theta = [self.theta[n] for n in names]
+        a = self.inner_lr()
+        exact = self.cfg.hypergrad == "exact"
+
+        # (1) g = grad_theta L_train(theta, phi); a graph through g is kept for the exact mode.
+        # Fused attention kernels have no double backward: the exact mode uses the math kernel.
+        with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
+            loss = self.train_loss(src, source, tgt)
+        raw = torch.autograd.grad(loss, theta, create_graph=exact, allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(theta, raw, strict=True)]
+        g_avg = [gi.detach().clone() for gi in g]
+        allreduce_mean(g_avg)
+
+        # (2) virtual step theta' = theta - a g, and g' = grad L_meta(theta')
+        theta_prime = {
+            n: (p.detach() - a * gi).requires_grad_() for n, p, gi in zip(names, theta, g_avg, strict=True)
+        }
+        with self.autocast():
+            meta_loss = batch_loss(self.model, meta, theta_prime)
+        raw = torch.autograd.grad(meta_loss, list(theta_prime.values()), allow_unused=True)
+        g_meta = [torch.zeros_like(p) if gm is None else gm.detach() for p, gm in zip(theta, raw, strict=True)]
+        allreduce_mean(g_meta)
+
+        # (3) d L_meta / d phi = -a * d/dphi <g(phi), g'>
+        if exact:
+            proxy = torch.stack([(gi * gm).sum() for gi, gm in zip(g, g_meta, strict=True)]).sum()
+            grads = torch.autograd.grad(proxy, self.phi, allow_unused=True)
+            phi_grads = [torch.zeros_like(p) if d is None else -a * d for p, d in zip(self.phi, grads, strict=True)]
+        else:
+            del g, loss
+            norm = torch.stack([(gm.float() ** 2).sum() for gm in g_meta]).sum().sqrt()
+            eps = self.cfg.fd_epsilon / max(float(norm), 1e-12)
+
+            def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
+                shifted = {
+                    n: (p.detach() + sign * eps * gm) for n, p, gm in zip(names, theta, g_meta, strict=True)
+                }
+                loss_s = self.train_loss(src, source, tgt, params=shifted)
+                return torch.autograd.grad(loss_s, self.phi, allow_unused=True)
+
+            plus, minus = phi_grad_at(1.0), phi_grad_at(-1.0)
+            phi_grads = []
+            for p, gp, gn in zip(self.phi, plus, minus, strict=True):
+                gp = torch.zeros_like(p) if gp is None else gp
+                gn = torch.zeros_like(p) if gn is None else gn
+                phi_grads.append(-a * (gp - gn) / (2 * eps))
+        allreduce_mean(phi_grads)
+        return phi_grads, float(meta_loss.detach())
+
+    def metaxl_step(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch) -> StepStats:
+        """Algorithm 1: hypergradient into phi, phi step, then theta step with the new phi."""
+        assert self.opt_phi is not None
+        phi_grads, meta_loss = self.hypergradient(src, source, tgt, meta)
+        finite = all(torch.isfinite(d).all() for d in phi_grads)
+        if finite:
+            for p, d in zip(self.phi, phi_grads, strict=True):
+                p.grad = d.to(p.dtype)
+            self.opt_phi.step()
+        self.sched_phi.step()
+        self.opt_phi.zero_grad(set_to_none=True)
+        phi_norm = math.sqrt(sum(float((d.float() ** 2).sum()) for d in phi_grads)) if finite else float("nan")
+
+        loss = self.train_loss(src, source, tgt)  # recomputed with the new phi
+        self._update_theta(loss)
+        return StepStats(loss=float(loss.detach()), meta_loss=meta_loss, phi_grad_norm=phi_norm)
+
+
+def split_batch(batch: Batch) -> tuple[Batch, Batch]:
+    """Split a target batch in halves: the first trains theta, the second is the meta batch
+    (the official code's default).
+
+    >>> b = {"input_ids": torch.arange(8).view(4, 2)}
+    >>> first, second = split_batch(b)
+    >>> first["input_ids"].shape[0], second["input_ids"].shape[0]
+    (2, 2)
+    """
+    n = next(iter(batch.values())).shape[0]
+    if n < 2:
+        raise ValueError("cannot split a target batch of one example into train and meta halves")
+    half = n // 2
+    return {k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()}

@@ -1,0 +1,375 @@
+"""The training loop: one loop for every method (target-only, JT, JT+RTN, MetaXL).
+
+Epochs run over the source set (over the target set for target-only) with the target set cycling,
+as in the paper. Dev is evaluated after every epoch; the best epoch's model is saved and the test
+set evaluated there. ``results.json`` in the output folder holds every epoch's metrics.
+
+>>> from metaxl.config import TrainConfig
+>>> from metaxl.train import train
+>>> results = train(TrainConfig(target="masakhaner2:luo", source=["masakhaner2:en"],
+...                             method="metaxl", epochs=2, output_dir="runs/luo"))  # doctest: +SKIP
+>>> results["test"]["f1"]                                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .data import Example
+from .errors import ConfigError, DataError
+
+STATE_DIR = "train_state"
+
+
+# ---------------------------------------------------------------------------- setup helpers
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; checks that an explicit cuda device exists."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+
+
+def autocast_factory(device: torch.device, precision: str) -> Any:
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if device.type != "cuda":
+        raise ConfigError(f"--precision {precision} needs a CUDA device; on CPU use fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@dataclass
+class PreparedData:
+    task: str
+    labels: list[str]
+    target_train: list[Example]
+    sources: list[list[Example]]
+    dev: list[Example]
+    test: list[Example]
+    source_names: list[str]
+
+
+def prepare_data(cfg: TrainConfig) -> PreparedData:
+    """Resolve, read, subsample and check every data set before anything is written."""
+    from .data import resolve_dataset, subsample
+    from .tasks import check_labels, reconcile_labels
+
+    task = None if cfg.task == "auto" else cfg.task
+    target = resolve_dataset(cfg.target, cfg.data_dir, task=task, sa_labels=cfg.sa_labels)
+    task = target.task
+    target_train: list[Example] = subsample(target.load("train"), cfg.target_size, cfg.data_seed)
+    dev: list[Example] = subsample(target.load("dev"), cfg.dev_size, cfg.data_seed)
+    test: list[Example] = subsample(target.load("test"), cfg.test_size, cfg.data_seed)
+    sources: list[list[Example]] = []
+    source_names: list[str] = []
+    if cfg.method != "target-only":
+        for k, spec in enumerate(cfg.source):
+            corpus = resolve_dataset(spec, cfg.data_dir, task=task, sa_labels=cfg.sa_labels)
+            if corpus.task != task:
+                raise DataError(f"source {spec} is a {corpus.task} data set but target {cfg.target} is {task}")
+            sources.append(subsample(corpus.load("train"), cfg.source_size, cfg.data_seed + k))
+            source_names.append(corpus.name)
+    labels = reconcile_labels(task, target_train, sources)
+    check_labels(dev, labels, f"{cfg.target} dev")
+    check_labels(test, labels, f"{cfg.target} test")
+    return PreparedData(task, labels, target_train, sources, dev, test, source_names)
+
+
+def batches(features: list[dict[str, Any]], batch_size: int, generator: torch.Generator,
+            shuffle: bool = True) -> Iterator[list[dict[str, Any]]]:
+    """One pass over ``features`` in batches (shuffled with ``generator``)."""
+    order = torch.randperm(len(features), generator=generator).tolist() if shuffle else range(len(features))
+    order = list(order)
+    for i in range(0, len(order), batch_size):
+        yield [features[j] for j in order[i : i + batch_size]]
+
+
+def cycle(features: list[dict[str, Any]], batch_size: int, generator: torch.Generator) -> Iterator[list[dict[str, Any]]]:
+    """Endless shuffled batches: the target set cycles while epochs run over the source set."""
+    while True:
+        yield from batches(features, batch_size, generator)
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict_features(model: Any, features: list[dict[str, Any]], pad_id: int, batch_size: int,
+                     device: torch.device, autocast: Any = contextlib.nullcontext) -> list[torch.Tensor]:
+    """Logits for every feature (one tensor per example, padding removed)."""
+    from .tasks import collate
+
+    model.eval()
+    out: list[torch.Tensor] = []
+    for i in range(0, len(features), batch_size):
+        chunk = features[i : i + batch_size]
+        batch = collate(chunk, pad_id)
+        batch.pop("labels", None)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logits = model(**batch).logits.float().cpu()
+        for j, f in enumerate(chunk):
+            out.append(logits[j, : len(f["input_ids"])] if logits.dim() == 3 else logits[j])
+    return out
+
+
+def evaluate(model: Any, task: str, examples: list[Any], features: list[dict[str, Any]], labels: list[str],
+             pad_id: int, batch_size: int, device: torch.device, autocast: Any = contextlib.nullcontext
+             ) -> tuple[dict[str, Any], list[Any]]:
+    """Metrics (percent; ``f1`` is the headline) and predictions of ``model`` on ``examples``."""
+    from .tasks import compute_metrics, predictions_to_labels
+
+    logits = predict_features(model, features, pad_id, batch_size, device, autocast)
+    id2label = dict(enumerate(labels))
+    pred = predictions_to_labels(task, features, logits, id2label)
+    gold = [list(e.tags) for e in examples] if task == "ner" else [e.label for e in examples]
+    return compute_metrics(task, gold, pred, labels), pred
+
+
+# ---------------------------------------------------------------------------- results
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _grad_ok(model: Any) -> None:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("the model has no trainable parameters")
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
+    """Train ``cfg.method`` and return the results dict also written to ``results.json``.
+
+    With ``resume=True`` the training state is saved after every epoch (``train_state/``, deleted
+    at the end) and an interrupted run in the same output folder continues where it stopped.
+
+    Everything that can fail on user input (config values, data files, labels, the model) is
+    checked before the output folder is touched.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from .checkpoint import save_checkpoint
+    from .meta import Learner
+    from .models import load_model, load_tokenizer
+    from .rtn import RTNInjector, encoder_parts, resolve_layers
+    from .tasks import collate, encode
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    autocast = autocast_factory(device, cfg.precision)
+    data = prepare_data(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    set_seed(cfg.seed)
+    model = load_model(cfg.model, data.task, data.labels)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    _grad_ok(model)
+    uses_rtn = cfg.method in ("jt-rtn", "metaxl")
+    if uses_rtn:
+        resolve_layers(cfg.rtn_layers, len(encoder_parts(model)[1]))  # clear error before writing
+    label2id = {label: i for i, label in enumerate(data.labels)}
+    enc = lambda exs: encode(data.task, exs, tokenizer, label2id, cfg.max_length)  # noqa: E731
+    tgt_feats = enc(data.target_train)
+    src_feats = [enc(s) for s in data.sources]
+    dev_feats, test_feats = enc(data.dev), enc(data.test)
+    for name, feats in [("target train", tgt_feats), ("dev", dev_feats), ("test", test_feats)] + [
+        (f"source {n}", f) for n, f in zip(data.source_names, src_feats, strict=True)
+    ]:
+        if not feats:
+            raise DataError(f"the {name} split is empty after subsampling/filtering; check the data and sizes")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ---- output folder (only now: every input has been checked)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(out / "config.yaml")
+
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    injector = None
+    if uses_rtn:
+        torch.manual_seed(cfg.seed)
+        injector = RTNInjector(model, cfg.rtn_layers, cfg.rtn_variant, cfg.rtn_hidden,
+                               num_sources=len(src_feats), per_source=cfg.rtn_per_source,
+                               detach_input=cfg.rtn_detach).to(device)
+
+    steps_per_epoch = math.ceil(
+        (sum(len(f) for f in src_feats) if cfg.method != "target-only" else len(tgt_feats)) / cfg.batch_size
+    )
+    main_steps = steps_per_epoch * cfg.epochs
+    total_epochs = cfg.epochs + cfg.backoff_epochs
+    opt_theta = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    sched_theta = get_linear_schedule_with_warmup(opt_theta, int(cfg.warmup * main_steps), main_steps)
+    opt_phi = sched_phi = None
+    if injector is not None:
+        phi_lr = cfg.lr if cfg.method == "jt-rtn" else cfg.meta_lr
+        opt_phi = torch.optim.AdamW(injector.parameters(), lr=phi_lr, weight_decay=cfg.weight_decay)
+        sched_phi = get_linear_schedule_with_warmup(opt_phi, int(cfg.warmup * main_steps), main_steps)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    learner = Learner(model, injector, cfg, opt_theta, sched_theta, opt_phi, sched_phi, autocast, scaler)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    results: dict[str, Any] = {
+        "status": "running", "config": cfg.to_dict(), "method": cfg.method, "task": data.task,
+        "target": cfg.target, "source": data.source_names if cfg.method != "target-only" else [],
+        "seed": cfg.seed, "source_size": cfg.source_size, "target_size": cfg.target_size,
+        "rtn_layers": list(cfg.rtn_layers) if uses_rtn else [], "labels": data.labels,
+        "sizes": {"target_train": len(tgt_feats), "source_train": [len(f) for f in src_feats],
+                  "dev": len(dev_feats), "test": len(test_feats)},
+        "epochs": [], "best_epoch": None, "dev": None, "test": None, "checkpoint": None,
+        "device": str(device), "torch": torch.__version__,
+    }
+    start_epoch, best_f1, elapsed_before = 1, -1.0, 0.0
+    state_dir = out / STATE_DIR
+    if resume and (state_dir / "state.pt").is_file():
+        state = torch.load(state_dir / "state.pt", map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt_theta.load_state_dict(state["opt_theta"])
+        sched_theta.load_state_dict(state["sched_theta"])
+        if injector is not None:
+            assert opt_phi is not None and sched_phi is not None
+            injector.load_state_dict(state["rtn"])
+            opt_phi.load_state_dict(state["opt_phi"])
+            sched_phi.load_state_dict(state["sched_phi"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        results = state["results"]
+        start_epoch = results["epochs"][-1]["epoch"] + 1 if results["epochs"] else 1
+        best_f1 = max([e["dev"]["f1"] for e in results["epochs"]], default=-1.0)
+        elapsed_before = sum(e["seconds"] for e in results["epochs"])
+        log(f"resuming {out} from epoch {start_epoch}")
+    write_json(out / "results.json", results)
+
+    tgt_iter = cycle(tgt_feats, cfg.tgt_batch_size, gen)
+    t_start = time.time()
+
+    def to_dev(feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in collate(feats, pad_id).items()}
+
+    for epoch in range(start_epoch, total_epochs + 1):
+        backoff = epoch > cfg.epochs
+        if backoff and learner.method != "jt":
+            # paper sec. 4.6: continue the MetaXL model on joint-training data, no RTN
+            learner.method = "jt"
+            if injector is not None:
+                injector.remove()
+            back_steps = steps_per_epoch * cfg.backoff_epochs
+            for group in opt_theta.param_groups:
+                group["lr"] = cfg.lr
+            learner.sched_theta = get_linear_schedule_with_warmup(opt_theta, int(cfg.warmup * back_steps), back_steps)
+        model.train()
+        t0 = time.time()
+        losses: list[float] = []
+        meta_losses: list[float] = []
+        if cfg.method == "target-only":
+            plan: list[tuple[int | None, list[dict[str, Any]] | None]] = [
+                (None, None) for _ in range(steps_per_epoch)
+            ]
+        else:
+            plan = [(k, b) for k, f in enumerate(src_feats) for b in batches(f, cfg.batch_size, gen)]
+            order = torch.randperm(len(plan), generator=gen).tolist() if len(src_feats) > 1 else range(len(plan))
+            plan = [plan[i] for i in order]
+        bar = tqdm(plan, desc=f"epoch {epoch}/{total_epochs} {learner.method}", disable=not cfg.progress,
+                   leave=False, dynamic_ncols=True)
+        for k, src in bar:
+            src_b = to_dev(src) if src is not None else None
+            tgt_b = to_dev(next(tgt_iter))
+            meta_b = to_dev(next(tgt_iter)) if learner.method == "metaxl" and cfg.meta_batch == "separate" else None
+            stats = learner.step(src_b, k or 0, tgt_b, meta_b)
+            if not math.isfinite(stats.loss):
+                raise RuntimeError(f"training diverged at epoch {epoch}: loss {stats.loss}; lower --lr")
+            losses.append(stats.loss)
+            if stats.meta_loss is not None:
+                meta_losses.append(stats.meta_loss)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        bar.close()
+        dev_metrics, _ = evaluate(model, data.task, data.dev, dev_feats, data.labels, pad_id,
+                                  cfg.eval_batch_size, device, autocast)
+        row: dict[str, Any] = {
+            "epoch": epoch, "phase": "backoff" if backoff else "main", "steps": len(plan),
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "meta_loss": float(np.mean(meta_losses)) if meta_losses else None,
+            "lr": learner.current_lr(), "dev": dev_metrics,
+        }
+        improved = dev_metrics["f1"] > best_f1
+        if improved:
+            best_f1 = dev_metrics["f1"]
+            test_metrics, _ = evaluate(model, data.task, data.test, test_feats, data.labels, pad_id,
+                                       cfg.eval_batch_size, device, autocast)
+            results.update(best_epoch=epoch, dev=dev_metrics, test=test_metrics)
+            if cfg.save_checkpoint:
+                save_checkpoint(out / "checkpoint", model, tokenizer, data.task, data.labels, cfg.max_length,
+                                extra={"config": cfg.to_dict(), "epoch": epoch, "dev": dev_metrics,
+                                       "test": test_metrics})
+                results["checkpoint"] = "checkpoint"
+                if injector is not None and not backoff:
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.detach().cpu().contiguous() for k, v in injector.state_dict().items()},
+                              str(out / "rtn.safetensors"))
+        row["seconds"] = time.time() - t0
+        row["best"] = improved
+        results["epochs"].append(row)
+        log(f"epoch {epoch}/{total_epochs}: loss {row['train_loss']:.4f}  dev f1 {dev_metrics['f1']:.2f}"
+            + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]")
+        write_json(out / "results.json", results)
+        if resume and epoch < total_epochs and not backoff:
+            _save_state(state_dir, model, injector, learner, gen, results)
+
+    results["status"] = "finished"
+    results["wall_seconds"] = elapsed_before + time.time() - t_start
+    write_json(out / "results.json", results)
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    if injector is not None:
+        injector.remove()
+    return results
+
+
+def _save_state(state_dir: Path, model: Any, injector: Any, learner: Any, gen: torch.Generator,
+                results: dict[str, Any]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(), "opt_theta": learner.opt_theta.state_dict(),
+        "sched_theta": learner.sched_theta.state_dict(),
+        "rtn": injector.state_dict() if injector is not None else None,
+        "opt_phi": learner.opt_phi.state_dict() if learner.opt_phi is not None else None,
+        "sched_phi": learner.sched_phi.state_dict() if learner.sched_phi is not None else None,
+        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        "results": results,
+    }
+    tmp = state_dir / "state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, state_dir / "state.pt")

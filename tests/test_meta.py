@@ -1,0 +1,181 @@
+"""The MetaXL hypergradient against independent estimates, on a tiny float64 model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import tiny_bert_config
+from transformers import BertForSequenceClassification, BertForTokenClassification
+
+from metaxl.config import TrainConfig
+from metaxl.meta import Learner, batch_loss, param_depth, split_batch
+from metaxl.rtn import RTNInjector
+
+A = 0.5  # a large inner lr makes the second-order term large, so errors show
+
+
+class _ConstSched:
+    def step(self) -> None:
+        pass
+
+
+def _setup(variant="plain", layers=(2,), task="ner", hypergrad="exact", virtual_from_layer=0, seed=0, detach=True):
+    torch.manual_seed(seed)
+    cls = BertForTokenClassification if task == "ner" else BertForSequenceClassification
+    model = cls(tiny_bert_config(num_labels=3)).double().eval()
+    inj = RTNInjector(model, list(layers), variant=variant, hidden=2, detach_input=detach).double()
+    cfg = TrainConfig(method="metaxl", inner_lr=A, hypergrad=hypergrad, virtual_from_layer=virtual_from_layer,
+                      fd_epsilon=1e-3)
+    opt_t = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_p = torch.optim.SGD(inj.parameters(), lr=0.1)
+    learner = Learner(model, inj, cfg, opt_t, _ConstSched(), opt_p, _ConstSched(), contextlib.nullcontext)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def batch(n, length=6):
+        ids = torch.randint(4, 64, (n, length), generator=g)
+        mask = torch.ones(n, length, dtype=torch.long)
+        mask[0, -2:] = 0
+        if task == "ner":
+            labels = torch.randint(0, 3, (n, length), generator=g)
+            labels[mask == 0] = -100
+        else:
+            labels = torch.randint(0, 3, (n,), generator=g)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return model, inj, learner, batch(3), batch(2), batch(2)
+
+
+def meta_objective(model, inj, learner, src, tgt, meta, names):
+    """F(phi) = L_meta(theta - a * grad_theta L_train(theta, phi)), computed from scratch."""
+    theta = {n: p for n, p in model.named_parameters()}
+    params = [theta[n] for n in names]
+    loss = learner.train_loss(src, 0, tgt)
+    g = torch.autograd.grad(loss, params, allow_unused=True)
+    prime = {n: p.detach() - A * (torch.zeros_like(p) if gi is None else gi)
+             for n, p, gi in zip(names, params, g, strict=True)}
+    with torch.no_grad():
+        return float(batch_loss(model, meta, prime))
+
+
+def fd_hypergrad(model, inj, learner, src, tgt, meta, h=1e-5):
+    """Central finite differences of F over every RTN coordinate (independent of meta.py's maths)."""
+    out = []
+    for p in inj.parameters():
+        grad = torch.zeros_like(p)
+        flat = p.data.view(-1)
+        for i in range(flat.numel()):
+            orig = flat[i].item()
+            flat[i] = orig + h
+            fp = meta_objective(model, inj, learner, src, tgt, meta, learner.virtual_names)
+            flat[i] = orig - h
+            fm = meta_objective(model, inj, learner, src, tgt, meta, learner.virtual_names)
+            flat[i] = orig
+            grad.view(-1)[i] = (fp - fm) / (2 * h)
+        out.append(grad)
+    return torch.cat([g.view(-1) for g in out])
+
+
+@pytest.mark.parametrize("variant,layers,task,detach", [
+    ("plain", (0, 2), "ner", True),
+    ("gated", (2,), "sa", True),        # the official RTN: exact for one RTN
+    ("gated", (0, 2), "sa", False),     # several gated RTNs: exact once the branch input is not detached
+])
+def test_exact_hypergradient_matches_finite_differences(variant, layers, task, detach):
+    model, inj, learner, src, tgt, meta = _setup(variant, layers, task, detach=detach)
+    exact, _ = learner.hypergradient(src, 0, tgt, meta)
+    exact = torch.cat([g.reshape(-1) for g in exact])
+    reference = fd_hypergrad(model, inj, learner, src, tgt, meta)
+    assert reference.norm() > 1e-6, "degenerate test: the hypergradient is ~0"
+    rel = (exact - reference).norm() / reference.norm()
+    assert rel < 1e-4, f"relative error {rel:.2e}"
+
+
+def test_exact_hypergradient_with_partial_virtual_step():
+    model, inj, learner, src, tgt, meta = _setup("plain", (2,), "ner", virtual_from_layer=2)
+    assert all(param_depth(n, 2) >= 2 for n in learner.virtual_names)
+    assert len(learner.virtual_names) < len(learner.theta)
+    exact, _ = learner.hypergradient(src, 0, tgt, meta)
+    exact = torch.cat([g.reshape(-1) for g in exact])
+    reference = fd_hypergrad(model, inj, learner, src, tgt, meta)
+    assert (exact - reference).norm() / reference.norm() < 1e-4
+
+
+@pytest.mark.parametrize("layers,task", [((2,), "ner"), ((0, 2), "sa")])
+def test_finite_difference_mode_agrees_with_exact(layers, task):
+    """DARTS-style differences of grad_phi along g' approximate the exact mixed term.
+
+    Only for the plain RTN: the gated RTN reads h.detach() (as the official code), so autograd's
+    theta-gradient is a stop-gradient pseudo-gradient whose phi-derivative is not the symmetric
+    mixed second derivative that finite differences estimate (documented in docs/method.md).
+    """
+    model, inj, learner, src, tgt, meta = _setup("plain", layers, task)
+    exact = torch.cat([g.reshape(-1) for g in learner.hypergradient(src, 0, tgt, meta)[0]])
+    learner.cfg.hypergrad = "finite-difference"
+    approx = torch.cat([g.reshape(-1) for g in learner.hypergradient(src, 0, tgt, meta)[0]])
+    cos = torch.nn.functional.cosine_similarity(exact, approx, dim=0)
+    assert cos > 0.99, f"cosine {cos:.4f}"
+
+
+def test_meta_update_changes_only_phi_then_theta_step_uses_new_phi():
+    model, inj, learner, src, tgt, meta = _setup("plain", (2,), "ner")
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    phi0 = [p.detach().clone() for p in inj.parameters()]
+    phi_grads, _ = learner.hypergradient(src, 0, tgt, meta)
+    # the hypergradient computation leaves every parameter untouched
+    for n, p in model.named_parameters():
+        assert torch.equal(p, theta0[n]), n
+    for p, p0 in zip(inj.parameters(), phi0, strict=True):
+        assert torch.equal(p, p0)
+    # a full step: phi moves by -lr * hypergradient exactly (SGD), theta moves too
+    learner.metaxl_step(src, 0, tgt, meta)
+    for p, p0, d in zip(inj.parameters(), phi0, phi_grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * d)
+    assert any(not torch.equal(p, theta0[n]) for n, p in model.named_parameters())
+
+
+def test_meta_update_does_not_touch_theta_grads_or_values():
+    """Step (2) of Algorithm 1 updates phi only: after the phi step theta is unchanged."""
+    model, inj, learner, src, tgt, meta = _setup("gated", (2,), "sa")
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    phi_grads, _ = learner.hypergradient(src, 0, tgt, meta)
+    for p, d in zip(inj.parameters(), phi_grads, strict=True):
+        p.grad = d
+    learner.opt_phi.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, theta0[n]), n
+        assert p.grad is None, f"{n} got a gradient from the meta update"
+
+
+def test_rtn_changes_source_forward_only():
+    model, inj, learner, src, tgt, meta = _setup("plain", (2,), "ner")
+    with torch.no_grad():
+        plain = model(**src).logits
+        with inj.applied():
+            through = model(**src).logits
+        after = model(**src).logits
+    assert not torch.allclose(plain, through)
+    assert torch.equal(plain, after)
+    # the training loss routes only the source batch through the RTN
+    with torch.no_grad():
+        l_tgt_alone = batch_loss(model, tgt)
+        with inj.applied():
+            l_src_rtn = batch_loss(model, src)
+        total = learner.train_loss(src, 0, tgt)
+    torch.testing.assert_close(total, l_src_rtn + l_tgt_alone)
+
+
+def test_zero_inner_lr_gives_zero_hypergradient():
+    model, inj, learner, src, tgt, meta = _setup("plain", (2,), "ner")
+    learner.cfg.inner_lr = 0.0
+    grads, _ = learner.hypergradient(src, 0, tgt, meta)
+    assert all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_split_batch_halves():
+    b = {"input_ids": torch.arange(10).view(5, 2)}
+    first, second = split_batch(b)
+    assert first["input_ids"].shape[0] == 2 and second["input_ids"].shape[0] == 3
+    with pytest.raises(ValueError):
+        split_batch({"input_ids": torch.zeros(1, 2)})
