@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the training state each epoch and continue an interrupted run in --output-dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_config_flags(p)
+    p.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default=argparse.SUPPRESS,
+                   help="same as --precision fp16 (CUDA)")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default=argparse.SUPPRESS,
+                   help="same as --precision bf16 (CUDA)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a data set")

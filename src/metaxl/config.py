@@ -118,7 +118,7 @@ class TrainConfig:
         data = dict(data)
         if isinstance(data.get("source"), str):
             data["source"] = parse_list(data["source"])
-        if data.get("source") is None:
+        if "source" in data and data["source"] is None:
             data["source"] = []
         if isinstance(data.get("rtn_layers"), (str, int)):
             data["rtn_layers"] = [int(x) for x in parse_list(str(data["rtn_layers"]))]

@@ -22,16 +22,16 @@ DEFAULTS: dict[str, Any] = {
     "source": "masakhaner2:en",
     "methods": "target-only,jt,metaxl",
     "target_size": 100,
-    "source_size": 300,
-    "epochs": 4,
-    "dev_size": 300,
-    "test_size": None,
+    "source_size": 200,
+    "epochs": 5,
+    "dev_size": 200,
+    "test_size": 500,
     "seed": 11,
     "model": "default",
     "output_dir": "runs/demo",
-    "max_length": 96,
+    "max_length": 64,
     "batch_size": 10,
-    "lr": 5e-5,
+    "lr": 2e-4,
     "meta_lr": 1e-4,
 }
 
@@ -57,6 +57,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--data-dir", default=None, help="folder with masakhaner2/ and nusax-senti/")
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", default=DEFAULTS["output_dir"])
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="also train the 250k x 384 word-embedding matrix (about 2x slower on CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_demo)
 
@@ -76,6 +78,7 @@ def run_demo(args: argparse.Namespace) -> int:
             test_size=args.test_size, epochs=args.epochs, seed=args.seed, model=args.model,
             lr=args.lr, meta_lr=args.meta_lr, batch_size=args.batch_size, max_length=args.max_length,
             device=args.device, output_dir=str(out / method), progress=not args.no_progress,
+            freeze_embeddings=not args.train_embeddings,
         )
         cfg.validate()
         configs.append(cfg)

@@ -62,12 +62,13 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_NAME = "multilingual-e5-small"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 """Bump when the produced checkpoint changes; older installs are then rebuilt by ensure_default."""
 MARKER_FILE = "metaxl_e5.json"
-TOKENIZER_CLASS = "XLMRobertaTokenizer"
-"""transformers 5 rebuilds this class's pipeline from tokenizer.json's vocabulary, which drops a
-trailing metaspace for text ending in whitespace; "PreTrainedTokenizerFast" would use the file verbatim."""
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+"""Load tokenizer.json verbatim. transformers 5's XLMRobertaTokenizer rebuilds the pipeline from the
+vocabulary and then differs from the original on text ending in whitespace and on literal special
+tokens; the generic fast class gives exactly the original ids (tests/test_e5.py)."""
 _MAGIC = b"E5S1"
 _QK = 32
 _Q4_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])  # 18 bytes: fp16 scale + 32 nibbles
