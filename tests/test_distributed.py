@@ -166,11 +166,32 @@ def _env(rank: int, port: int) -> dict[str, str]:
     return env
 
 
-def _forked(rank: int, port: int, out: str) -> None:
+def _train_worker(out_dir: str) -> None:
+    """``metaxl train`` in one rank: the config comes from ``dist.yaml``, the results go to JSON."""
+    import json
+
+    from metaxl.config import TrainConfig
+    from metaxl.distributed import cleanup, get_rank
+    from metaxl.train import train
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig.from_yaml(Path(out_dir) / "dist.yaml")
+    try:
+        results = train(cfg, log=lambda *_: None)
+        rank = get_rank()
+    finally:
+        cleanup()
+    (Path(out_dir) / f"train{rank}.json").write_text(json.dumps(results, default=str))
+
+
+_JOBS = {"steps": _worker, "train": _train_worker}
+
+
+def _forked(rank: int, port: int, out: str, job: str) -> None:
     """Entry point of a forked worker: the env vars as torchrun would set them, then the worker."""
     os.environ.update(_env(rank, port))
     try:
-        _worker(out)
+        _JOBS[job](out)
     except BaseException:
         import traceback
 
@@ -178,7 +199,7 @@ def _forked(rank: int, port: int, out: str) -> None:
         raise
 
 
-def _launch(out: Path, timeout: float = 150.0) -> tuple[int, str]:
+def _launch(out: Path, job: str = "steps", timeout: float = 150.0) -> tuple[int, str]:
     """Run both ranks. Forked from this process where possible (no second import of torch and
     transformers: a few seconds instead of ~30 on a busy 2-core machine), else as fresh interpreters
     running this file (``METAXL_TEST_DIST=subprocess`` forces that)."""
@@ -187,7 +208,7 @@ def _launch(out: Path, timeout: float = 150.0) -> tuple[int, str]:
     port = _free_port()
     if "fork" in mp.get_all_start_methods() and os.environ.get("METAXL_TEST_DIST") != "subprocess":
         ctx = mp.get_context("fork")
-        forks = [ctx.Process(target=_forked, args=(rank, port, str(out)), daemon=True) for rank in range(WORLD)]
+        forks = [ctx.Process(target=_forked, args=(rank, port, str(out), job), daemon=True) for rank in range(WORLD)]
         for f in forks:
             f.start()
         deadline = time.time() + timeout
@@ -201,7 +222,7 @@ def _launch(out: Path, timeout: float = 150.0) -> tuple[int, str]:
         worst = next((f.exitcode for f in forks if f.exitcode != 0), 0)
         return int(worst or 0), "\n----\n".join(logs)
     procs = [
-        subprocess.Popen([sys.executable, __file__, str(out)], env=dict(os.environ, **_env(rank, port)),
+        subprocess.Popen([sys.executable, __file__, str(out), job], env=dict(os.environ, **_env(rank, port)),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in range(WORLD)
     ]
@@ -259,6 +280,55 @@ def test_without_averaging_the_step_differs(two_ranks, name, base, skip):
     assert diff > 10 * TOL, f"{name}: skipping allreduce call {skip} did not change the step ({diff:.2e})"
 
 
+# ---------------------------------------------------------------------------- the training loop
+def _train_is_distributed() -> bool:
+    import inspect
+
+    import metaxl.train
+
+    return "init_from_env" in inspect.getsource(metaxl.train)
+
+
+@pytest.mark.skipif(not _train_is_distributed(), reason="metaxl.train does not set up torch.distributed yet")
+def test_two_process_training_run_matches_the_single_process_run(toy_data, tiny_model, tmp_path):
+    """``metaxl train`` (MetaXL, split meta batch) on 2 ranks = 1 process with the same global batch:
+    same final weights and RTNs (float32 roundoff), rank 0's results on every rank, world_size 2."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from metaxl.config import TrainConfig
+    from metaxl.train import train
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # dropout masks differ per rank
+    (model_dir / "config.json").write_text(json.dumps(config))
+    cfg = TrainConfig(target=str(toy_data / "sa-tgt"), source=[str(toy_data / "sa-src")], model=str(model_dir),
+                      method="metaxl", epochs=1, batch_size=8, target_size=16, source_size=24, lr=5e-4,
+                      meta_lr=1e-3, rtn_hidden=8, max_length=32, warmup=0.0, device="cpu", progress=False,
+                      output_dir=str(tmp_path / "single"))
+    single = train(cfg, log=lambda *_: None)
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg.replace(output_dir=str(tmp_path / "dist")).to_yaml(work / "dist.yaml")
+    rc, log = _launch(work, "train")
+    assert rc == 0, f"distributed training failed:\n{log[-6000:]}"
+    ranks = [json.loads((work / f"train{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0] == ranks[1], "every rank returns rank 0's results"
+    on_disk = json.loads((tmp_path / "dist" / "results.json").read_text())
+    assert on_disk["world_size"] == WORLD and on_disk["status"] == "finished"
+    assert on_disk["epochs"][0]["steps"] == single["epochs"][0]["steps"] == 3
+    assert on_disk["epochs"][0]["train_loss"] == pytest.approx(single["epochs"][0]["train_loss"], abs=1e-5)
+    for name in ("checkpoint/model.safetensors", "rtn.safetensors"):
+        a, b = load_file(str(tmp_path / "single" / name)), load_file(str(tmp_path / "dist" / name))
+        assert a.keys() == b.keys()
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        assert diff < 1e-5, f"{name}: 2-process weights differ from the single process by {diff:.2e}"
+
+
 # ---------------------------------------------------------------------------- helpers, no processes
 def test_shards_concatenate_to_the_global_batch():
     from metaxl.distributed import even_split, shard, shard_batch
@@ -301,4 +371,4 @@ def test_init_from_env_is_a_no_op_for_a_single_process(monkeypatch):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    _worker(sys.argv[1])
+    _JOBS[sys.argv[2] if len(sys.argv) > 2 else "steps"](sys.argv[1])
