@@ -87,13 +87,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import cleanup, is_main
     from .train import train
 
     cfg = config_from_args(args)
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        if is_main():
+            print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    results = train(cfg, resume=args.resume)
+    try:
+        results = train(cfg, resume=args.resume)
+    finally:
+        cleanup()  # destroys the process group of a torchrun/accelerate launch (no-op otherwise)
+    if not is_main():
+        return 0
     test = results["test"] or {}
     print(f"best epoch {results['best_epoch']}: dev {results['dev']['f1']:.2f}  test {test.get('f1', float('nan')):.2f}"
           f"  ({test.get('headline', 'f1')})")

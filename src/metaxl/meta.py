@@ -75,14 +75,33 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def allreduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average tensors in place across processes (no-op without torch.distributed)."""
+def allreduce_mean(tensors: list[torch.Tensor], bucket_numel: int = 2**25) -> None:
+    """Average tensors in place across processes (no-op without torch.distributed).
+
+    Tensors are flattened into buckets of up to ``bucket_numel`` elements per (device, dtype), so a
+    step makes a few collective calls instead of one per parameter tensor; the order is the list's,
+    identical on every rank.
+    """
     if not _dist_ready():
         return
     world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[list[torch.Tensor]]] = {}
     for t in tensors:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        t.div_(world)
+        buckets = groups.setdefault((t.device, t.dtype), [[]])
+        if buckets[-1] and sum(x.numel() for x in buckets[-1]) + t.numel() > bucket_numel:
+            buckets.append([])
+        buckets[-1].append(t)
+    for buckets in groups.values():
+        for bucket in buckets:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            flat.div_(world)
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 @dataclass

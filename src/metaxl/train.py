@@ -4,6 +4,10 @@ Epochs run over the source set (over the target set for target-only) with the ta
 as in the paper. Dev is evaluated after every epoch; the best epoch's model is saved and the test
 set evaluated there. ``results.json`` in the output folder holds every epoch's metrics.
 
+Under ``torchrun``/``accelerate launch`` (see docs/distributed.md) every process draws the same
+global batches and trains on its shard; gradients are averaged in :mod:`metaxl.meta`, and only
+rank 0 writes.
+
 >>> from metaxl.config import TrainConfig
 >>> from metaxl.train import train
 >>> results = train(TrainConfig(target="masakhaner2:luo", source=["masakhaner2:en"],
@@ -178,13 +182,30 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     from transformers import get_linear_schedule_with_warmup
 
     from .checkpoint import save_checkpoint
+    from .distributed import (
+        all_mean,
+        broadcast_module,
+        broadcast_object,
+        init_from_env,
+        local_device,
+        set_rank_seed,
+        shard,
+    )
     from .meta import Learner
     from .models import load_model, load_tokenizer
     from .rtn import RTNInjector, encoder_parts, resolve_layers
     from .tasks import collate, encode
 
     cfg.validate()
-    device = resolve_device(cfg.device)
+    dist = init_from_env(cfg.device)  # no-op for a single process
+    device = local_device(resolve_device(cfg.device), dist)
+    if not dist.is_main:
+        log = lambda *_a, **_k: None  # noqa: E731
+    if dist.enabled:
+        need = 2 * dist.world_size if cfg.method == "metaxl" and cfg.meta_batch == "split" else dist.world_size
+        if cfg.batch_size < dist.world_size or cfg.tgt_batch_size < need:
+            raise ConfigError(f"{dist.world_size} processes need --batch-size >= {dist.world_size} and a target "
+                              f"batch >= {need} (the global batch is split across processes)")
     autocast = autocast_factory(device, cfg.precision)
     data = prepare_data(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -210,8 +231,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
 
     # ---- output folder (only now: every input has been checked)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(out / "config.yaml")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(out / "config.yaml")
 
     model.to(device)
     if cfg.gradient_checkpointing:
@@ -222,6 +244,11 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         injector = RTNInjector(model, cfg.rtn_layers, cfg.rtn_variant, cfg.rtn_hidden,
                                num_sources=len(src_feats), per_source=cfg.rtn_per_source,
                                detach_input=cfg.rtn_detach).to(device)
+    # every rank starts from rank 0's weights (random task head, RTNs); dropout then differs per rank
+    broadcast_module(model)
+    if injector is not None:
+        broadcast_module(injector)
+    set_rank_seed(cfg.seed, dist)
 
     steps_per_epoch = math.ceil(
         (sum(len(f) for f in src_feats) if cfg.method != "target-only" else len(tgt_feats)) / cfg.batch_size
@@ -248,7 +275,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         "sizes": {"target_train": len(tgt_feats), "source_train": [len(f) for f in src_feats],
                   "dev": len(dev_feats), "test": len(test_feats)},
         "epochs": [], "best_epoch": None, "dev": None, "test": None, "checkpoint": None,
-        "device": str(device), "torch": torch.__version__,
+        "device": str(device), "torch": torch.__version__, "world_size": dist.world_size,
     }
     start_epoch, best_f1, elapsed_before = 1, -1.0, 0.0
     state_dir = out / STATE_DIR
@@ -266,17 +293,23 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         results = state["results"]
+        set_rank_seed(cfg.seed + len(results["epochs"]), dist)
         start_epoch = results["epochs"][-1]["epoch"] + 1 if results["epochs"] else 1
         best_f1 = max([e["dev"]["f1"] for e in results["epochs"]], default=-1.0)
         elapsed_before = sum(e["seconds"] for e in results["epochs"])
         log(f"resuming {out} from epoch {start_epoch}")
-    write_json(out / "results.json", results)
+    if dist.is_main:
+        write_json(out / "results.json", results)
 
     tgt_iter = cycle(tgt_feats, cfg.tgt_batch_size, gen)
     t_start = time.time()
 
     def to_dev(feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in collate(feats, pad_id).items()}
+
+    def local(feats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """This rank's contiguous shard of a global batch (the whole batch for one process)."""
+        return shard(feats, dist.rank, dist.world_size)
 
     for epoch in range(start_epoch, total_epochs + 1):
         backoff = epoch > cfg.epochs
@@ -293,6 +326,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         t0 = time.time()
         losses: list[float] = []
         meta_losses: list[float] = []
+        skipped = 0
         if cfg.method == "target-only":
             plan: list[tuple[int | None, list[dict[str, Any]] | None]] = [
                 (None, None) for _ in range(steps_per_epoch)
@@ -301,24 +335,36 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             plan = [(k, b) for k, f in enumerate(src_feats) for b in batches(f, cfg.batch_size, gen)]
             order = torch.randperm(len(plan), generator=gen).tolist() if len(src_feats) > 1 else range(len(plan))
             plan = [plan[i] for i in order]
-        bar = tqdm(plan, desc=f"epoch {epoch}/{total_epochs} {learner.method}", disable=not cfg.progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(plan, desc=f"epoch {epoch}/{total_epochs} {learner.method}",
+                   disable=not cfg.progress or not dist.is_main, leave=False, dynamic_ncols=True)
         for k, src in bar:
-            src_b = to_dev(src) if src is not None else None
-            tgt_b = to_dev(next(tgt_iter))
-            meta_b = to_dev(next(tgt_iter)) if learner.method == "metaxl" and cfg.meta_batch == "separate" else None
-            stats = learner.step(src_b, k or 0, tgt_b, meta_b)
-            if not math.isfinite(stats.loss):
-                raise RuntimeError(f"training diverged at epoch {epoch}: loss {stats.loss}; lower --lr")
-            losses.append(stats.loss)
+            tgt = next(tgt_iter)
+            meta: list[dict[str, Any]] | None = None
+            if learner.method == "metaxl" and cfg.meta_batch == "separate":
+                meta = next(tgt_iter)
+            elif learner.method == "metaxl" and dist.enabled:
+                # split the *global* target batch (as meta.split_batch) so rank shards of each half
+                # concatenate to the single-process halves
+                tgt, meta = tgt[: len(tgt) // 2], tgt[len(tgt) // 2 :]
+            parts = [p for p in (src, tgt, meta) if p is not None]
+            if dist.enabled and min(len(p) for p in parts) < dist.world_size:
+                skipped += 1  # a tail batch too small to give every rank an example (same on all ranks)
+                continue
+            src_b = to_dev(local(src)) if src is not None else None
+            meta_b = to_dev(local(meta)) if meta is not None else None
+            stats = learner.step(src_b, k or 0, to_dev(local(tgt)), meta_b)
+            loss = all_mean(stats.loss)  # the global-batch loss; every rank takes the same decision
+            if not math.isfinite(loss):
+                raise RuntimeError(f"training diverged at epoch {epoch}: loss {loss}; lower --lr")
+            losses.append(loss)
             if stats.meta_loss is not None:
-                meta_losses.append(stats.meta_loss)
+                meta_losses.append(all_mean(stats.meta_loss))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         bar.close()
         dev_metrics, _ = evaluate(model, data.task, data.dev, dev_feats, data.labels, pad_id,
                                   cfg.eval_batch_size, device, autocast)
         row: dict[str, Any] = {
-            "epoch": epoch, "phase": "backoff" if backoff else "main", "steps": len(plan),
+            "epoch": epoch, "phase": "backoff" if backoff else "main", "steps": len(plan) - skipped,
             "train_loss": float(np.mean(losses)) if losses else None,
             "meta_loss": float(np.mean(meta_losses)) if meta_losses else None,
             "lr": learner.current_lr(), "dev": dev_metrics,
@@ -329,7 +375,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             test_metrics, _ = evaluate(model, data.task, data.test, test_feats, data.labels, pad_id,
                                        cfg.eval_batch_size, device, autocast)
             results.update(best_epoch=epoch, dev=dev_metrics, test=test_metrics)
-            if cfg.save_checkpoint:
+            if cfg.save_checkpoint and dist.is_main:
                 save_checkpoint(out / "checkpoint", model, tokenizer, data.task, data.labels, cfg.max_length,
                                 extra={"config": cfg.to_dict(), "epoch": epoch, "dev": dev_metrics,
                                        "test": test_metrics})
@@ -343,16 +389,20 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         row["best"] = improved
         results["epochs"].append(row)
         log(f"epoch {epoch}/{total_epochs}: loss {row['train_loss']:.4f}  dev f1 {dev_metrics['f1']:.2f}"
-            + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]")
-        write_json(out / "results.json", results)
-        if resume and epoch < total_epochs and not backoff:
+            + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]"
+            + (f"  ({skipped} tail batches smaller than {dist.world_size} skipped)" if skipped else ""))
+        if dist.is_main:
+            write_json(out / "results.json", results)
+        if resume and epoch < total_epochs and not backoff and dist.is_main:
             _save_state(state_dir, model, injector, learner, gen, results)
 
     results["status"] = "finished"
     results["wall_seconds"] = elapsed_before + time.time() - t_start
-    write_json(out / "results.json", results)
-    if state_dir.exists():
-        shutil.rmtree(state_dir)
+    results = broadcast_object(results)  # rank 0's results (its evaluation) on every rank
+    if dist.is_main:
+        write_json(out / "results.json", results)
+        if state_dir.exists():
+            shutil.rmtree(state_dir)
     if injector is not None:
         injector.remove()
     return results
