@@ -920,16 +920,10 @@ def register_cli(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m metaxl.report RUNS_DIR ...`` (same flags as ``metaxl report``)."""
-    parser = argparse.ArgumentParser(prog="metaxl")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except MetaXLError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """``python -m metaxl.report ...`` is ``metaxl report ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1342,16 +1342,10 @@ def register_cli(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m metaxl.sweep CONFIG ...`` (same flags as ``metaxl sweep``)."""
-    parser = argparse.ArgumentParser(prog="metaxl")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except MetaXLError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """``python -m metaxl.sweep ...`` is ``metaxl sweep ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
