@@ -19,7 +19,9 @@ are reported too.
 Method names: a base (``jt``, ``jt-rtn``, ``metaxl``, ``target-only``) and optional suffixes:
 ``-fd`` (finite-difference hypergradient), ``-frozen-emb`` (freeze_embeddings), ``-upper<K>``
 (virtual step on the top K layers and the head only: virtual_from_layer = N-K+1), ``-proto``
-(the prototype :class:`ProtoLearner`, proposed changes to meta.py, see docs/performance.md).
+(the prototype :class:`ProtoLearner`, proposed changes to meta.py, see docs/performance.md),
+``-sparse-emb`` (the prototype plus its row-sparse virtual step of the word embeddings), ``-fused``
+(theta's AdamW with ``fused=True``).
 
     python benchmarks/step_cost.py --model default --task ner --batch-size 10 --seq-len 64 \\
         --methods jt,jt-rtn,metaxl,metaxl-fd --json step_cost.json
@@ -69,6 +71,8 @@ class Variant:
     frozen_emb: bool = False
     upper: int | None = None
     proto: bool = False
+    sparse_emb: bool = False
+    fused: bool = False
 
     @property
     def hypergrad(self) -> str:
@@ -97,12 +101,18 @@ def parse_variant(name: str) -> Variant:
             v.frozen_emb, rest = True, rest[len("-frozen-emb") :]
         elif rest.startswith("-proto"):
             v.proto, rest = True, rest[len("-proto") :]
+        elif rest.startswith("-fused"):
+            v.fused, rest = True, rest[len("-fused") :]
+        elif rest.startswith("-sparse-emb"):
+            v.proto = v.sparse_emb = True
+            rest = rest[len("-sparse-emb") :]
         elif m := re.match(r"-upper(\d+)", rest):
             v.upper, rest = int(m.group(1)), rest[m.end() :]
         else:
-            raise SystemExit(f"method {name!r}: unknown suffix {rest!r} (use -fd, -frozen-emb, -upper<K>, -proto)")
+            raise SystemExit(f"method {name!r}: unknown suffix {rest!r} "
+                             "(use -fd, -frozen-emb, -upper<K>, -proto, -sparse-emb, -fused)")
     if (v.fd or v.upper is not None or v.proto) and v.base != "metaxl":
-        raise SystemExit(f"method {name!r}: -fd, -upper<K> and -proto only apply to metaxl")
+        raise SystemExit(f"method {name!r}: -fd, -upper<K>, -proto and -sparse-emb only apply to metaxl")
     return v
 
 
@@ -119,14 +129,24 @@ class ProtoLearner(Learner):
        kept and reused for the theta step: the recomputed training loss is the source loss only.
     3. finite-difference mode: the two shifted training losses skip the target batch (its
        phi-gradient is 0).
-    4. no clone of ``g`` without ``torch.distributed`` (``allreduce_mean`` is then a no-op), and
-       ``theta'`` is released before the second-order backward.
+    4. no clone of ``g`` without ``torch.distributed`` (``allreduce_mean`` is then a no-op),
+       theta' and the shifted parameters in one pass (``torch.add(p, g, alpha=...)``), and
+       theta' is released before the second-order backward.
 
     Single process, no GradScaler (fp16 falls back to :class:`Learner`).
     """
 
     _g_tgt: list[torch.Tensor | None] | None = None
     _loss_tgt: float = 0.0
+    sparse_emb: bool = False
+    """5. (``-sparse-emb``) the word-embedding matrix takes the virtual step on the rows the
+    batches use only: the source loss reads ``W[U_src]`` (ids remapped), theta' and g' hold
+    ``W[U_meta]`` rows, the finite differences shift ``W[U_src]``; no dense vocab x d tensor in
+    the hypergradient besides the target gradient kept for the theta step."""
+
+    def _embedding_name(self) -> str | None:
+        weight = self.model.get_input_embeddings().weight
+        return next((n for n in self.virtual_names if self.theta[n] is weight), None)
 
     def hypergradient(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
                       ) -> tuple[list[torch.Tensor], float]:
@@ -137,6 +157,11 @@ class ProtoLearner(Learner):
         theta = [self.theta[n] for n in names]
         a = self.inner_lr()
         exact = self.cfg.hypergrad == "exact"
+        en = self._embedding_name() if self.sparse_emb else None
+        pad = self.model.get_input_embeddings().padding_idx
+        u_src = u_meta = None
+        if en is not None:
+            u_src, u_meta = compact_ids(src, pad), compact_ids(meta, pad)
 
         # (1a) target part, first order, over all of theta (kept for the theta step)
         self._g_tgt, self._loss_tgt = None, 0.0
@@ -151,22 +176,34 @@ class ProtoLearner(Learner):
             g_tgt = {n: gt for n, gt in zip(self.theta, self._g_tgt, strict=True) if gt is not None}
 
         # (1b) source part; the exact mode keeps its graph (math attention: double backward)
+        inputs, src_in, sub = theta, src, None
+        if en is not None:
+            w_src = self.theta[en].index_select(0, u_src)  # differentiable rows of the leaf
+            sub = {en: w_src}
+            inputs = [w_src if n == en else p for n, p in zip(names, theta, strict=True)]
+            src_in = remap_ids(src, u_src)
         with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
-            loss_s = self.train_loss(src, source, None)
-        g_src = torch.autograd.grad(loss_s, theta, create_graph=exact, allow_unused=True)
-        del loss_s
+            loss_s = self.train_loss(src_in, source, None, params=sub)
+        g_src = list(torch.autograd.grad(loss_s, inputs, create_graph=exact, allow_unused=True))
+        del loss_s, sub
+        if en is not None:  # the embedding's source gradient on the meta batch's rows
+            i = names.index(en)
+            g_src[i] = None if g_src[i] is None else gather_rows(g_src[i], u_src, u_meta)
 
         # (2) theta' = theta - a (g_src + g_tgt) in one allocation per parameter
         theta_prime = {}
         for n, p, gs in zip(names, theta, g_src, strict=True):
-            tp = p.detach().clone() if gs is None else p.detach().sub(gs.detach(), alpha=a)
+            base = p.detach() if n != en else p.detach().index_select(0, u_meta)
+            tp = base.clone() if gs is None else base.sub(gs.detach(), alpha=a)
             if n in g_tgt:
-                tp.sub_(g_tgt[n], alpha=a)
+                tp.sub_(g_tgt[n] if n != en else g_tgt[n].index_select(0, u_meta), alpha=a)
             theta_prime[n] = tp.requires_grad_()
+        meta_in = meta if en is None else remap_ids(meta, u_meta)
         with self.autocast():
-            meta_loss = batch_loss(self.model, meta, theta_prime)
+            meta_loss = batch_loss(self.model, meta_in, theta_prime)
         raw = torch.autograd.grad(meta_loss, list(theta_prime.values()), allow_unused=True)
-        g_meta = [torch.zeros_like(p) if gm is None else gm.detach() for p, gm in zip(theta, raw, strict=True)]
+        g_meta = [torch.zeros_like(tp) if gm is None else gm.detach()
+                  for tp, gm in zip(theta_prime.values(), raw, strict=True)]
         del theta_prime, raw
 
         # (3) d L_meta / d phi = -a d/dphi <g_src(phi), g'>
@@ -178,10 +215,17 @@ class ProtoLearner(Learner):
             del g_src
             norm = torch.stack([(gm.float() ** 2).sum() for gm in g_meta]).sum().sqrt()
             eps = self.cfg.fd_epsilon / max(float(norm), 1e-12)
+            if en is not None:  # shift the source batch's rows: g' there (0 off the meta rows)
+                i = names.index(en)
+                g_meta[i] = gather_rows(g_meta[i], u_meta, u_src)
+                bases = [p.detach() if n != en else p.detach().index_select(0, u_src)
+                         for n, p in zip(names, theta, strict=True)]
+            else:
+                bases = [p.detach() for p in theta]
 
             def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
-                shifted = {n: p.detach() + sign * eps * gm for n, p, gm in zip(names, theta, g_meta, strict=True)}
-                loss_s = self.train_loss(src, source, None, params=shifted)
+                shifted = {n: torch.add(b, gm, alpha=sign * eps) for n, b, gm in zip(names, bases, g_meta, strict=True)}
+                loss_s = self.train_loss(src_in, source, None, params=shifted)
                 return torch.autograd.grad(loss_s, self.phi, allow_unused=True)
 
             plus, minus = phi_grad_at(1.0), phi_grad_at(-1.0)
@@ -214,6 +258,36 @@ class ProtoLearner(Learner):
                     p.grad = gt  # the backward below accumulates the source gradient into it
             self._g_tgt = None
         super()._update_theta(loss, extra)
+
+
+def compact_ids(batch: Batch, padding_idx: int | None) -> torch.Tensor:
+    """Sorted ids a batch uses, plus ``0..padding_idx`` so that the padding row keeps its index
+    (``nn.Embedding`` zeroes that row's gradient; XLM-R derives positions from it).
+
+    >>> compact_ids({"input_ids": torch.tensor([[7, 3, 7]])}, 1).tolist()
+    [0, 1, 3, 7]
+    """
+    ids = batch["input_ids"].reshape(-1)
+    if padding_idx is not None:
+        ids = torch.cat([torch.arange(padding_idx + 1, device=ids.device), ids])
+    return torch.unique(ids)
+
+
+def remap_ids(batch: Batch, used: torch.Tensor) -> Batch:
+    """The batch with ``input_ids`` replaced by their positions in ``used``."""
+    return {**batch, "input_ids": torch.searchsorted(used, batch["input_ids"])}
+
+
+def gather_rows(values: torch.Tensor, rows_from: torch.Tensor, rows_to: torch.Tensor) -> torch.Tensor:
+    """``values`` holds the rows ``rows_from`` of a matrix (sorted ids): its rows ``rows_to``, zero
+    where absent; differentiable.
+
+    >>> gather_rows(torch.tensor([[1.0], [2.0]]), torch.tensor([3, 5]), torch.tensor([1, 5])).tolist()
+    [[0.0], [2.0]]
+    """
+    pos = torch.searchsorted(rows_from, rows_to).clamp(max=rows_from.numel() - 1)
+    hit = (rows_from[pos] == rows_to).unsqueeze(1).to(values.dtype)
+    return values.index_select(0, pos) * hit
 
 
 # ---------------------------------------------------------------------------- memory
@@ -385,6 +459,13 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
     return sum(tensor_bytes(v for v in st.values() if torch.is_tensor(v)) for st in opt.state.values())
 
 
+def make_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, impl: str) -> torch.optim.AdamW:
+    """AdamW as train.py builds it (``default``: torch's choice, the for-loop kernel on CPU), or
+    with ``foreach=True`` / ``fused=True``."""
+    kw: dict[str, Any] = {"foreach": True} if impl == "foreach" else {"fused": True} if impl == "fused" else {}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
+
+
 class _ConstSched:
     def step(self) -> None:
         pass
@@ -443,7 +524,7 @@ def make_runner(v: Variant, model: Any, args: argparse.Namespace, device: torch.
     emb.requires_grad_(not v.frozen_emb)
     try:
         params = [p for p in model.parameters() if p.requires_grad]
-        opt_theta = shared_opt or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt_theta = shared_opt or make_adamw(params, cfg.lr, cfg.weight_decay, "fused" if v.fused else args.adamw)
         opt_phi = None
         if injector is not None:
             phi_lr = cfg.lr if v.base == "jt-rtn" else cfg.meta_lr
@@ -451,6 +532,8 @@ def make_runner(v: Variant, model: Any, args: argparse.Namespace, device: torch.
         scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
         cls = ProtoLearner if v.proto else Learner
         learner = cls(model, injector, cfg, opt_theta, _ConstSched(), opt_phi, _ConstSched(), autocast, scaler)
+        if isinstance(learner, ProtoLearner):
+            learner.sparse_emb = v.sparse_emb
     finally:
         emb.requires_grad_(before)
     return Runner(v, learner, emb, injector)
@@ -609,6 +692,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--share-optimizer", action="store_true",
                    help="one AdamW over the model for all methods (saves RAM for big models; same work per step)")
+    p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
+                   help="theta's AdamW kernel (default: as train.py, torch's choice)")
     p.add_argument("--phases", action="store_true", help="also time the phases of one jt and metaxl step")
     p.add_argument("--phase-steps", type=int, default=2, help="steps per method for --phases (median)")
     p.add_argument("--profile", default=None, help="comma list of methods to run one torch.profiler step of")
@@ -672,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     shared = None
     if args.share_optimizer:
-        shared = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        shared = make_adamw([p for p in model.parameters() if p.requires_grad], args.lr, 0.0, args.adamw)
     runners = [make_runner(v, model, args, device, autocast, shared, num_layers) for v in variants]
     gen = torch.Generator().manual_seed(args.seed + 1)
 
@@ -736,6 +821,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in results["methods"].values():
         if "median_s" in row and "median_s" in ref_row:
             row["time_ratio"] = row["median_s"] / ref_row["median_s"]
+            if len(row["times_s"]) == len(ref_row["times_s"]):  # same rounds: the paired ratio
+                row["time_ratio_paired"] = statistics.median(
+                    t / t_ref for t, t_ref in zip(row["times_s"], ref_row["times_s"], strict=True))
             row["mem_ratio"] = row["peak_mb"] / ref_row["peak_mb"]
             row["step_mem_ratio"] = row["step_mb"] / ref_row["step_mb"] if ref_row["step_mb"] > 0 else None
     for name, row in results["methods"].items():
@@ -743,7 +831,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         max_t, max_m = TARGETS[row["hypergrad"]]
         results["targets"].append({
-            "method": name, "hypergrad": row["hypergrad"],
+            "method": name, "hypergrad": row["hypergrad"], "time_ratio_paired": row.get("time_ratio_paired"),
             "time_ratio": row["time_ratio"], "time_target": max_t, "time_pass": row["time_ratio"] <= max_t,
             "mem_ratio": row["mem_ratio"], "mem_target": max_m, "mem_pass": row["mem_ratio"] <= max_m,
         })
@@ -795,29 +883,36 @@ def report(res: dict[str, Any]) -> str:
         f"{mod['hidden']}, vocab {mod['vocab']}; weights {mod['weights_mb']:.0f} MB, word embeddings "
         f"{mod['word_embeddings_mb']:.0f} MB)",
         f"task {a['task']}, batch {a['batch_size']} source + {a['batch_size']} target, seq len {a['seq_len']}, "
-        f"{a['precision']}{', gradient checkpointing' if a['gradient_checkpointing'] else ''}; {a['steps']} measured "
+        f"{a['precision']}{', gradient checkpointing' if a['gradient_checkpointing'] else ''}, AdamW {a['adamw']}"
+        f"{' (shared)' if a['share_optimizer'] else ''}; {a['steps']} measured "
         f"rounds after {a['warmup']} warm-up, interleaved; memory: {res['memory_measure']}",
         "",
     ]
-    header = ["method", "s/step", "x JT", "peak MB", "x JT", "step MB", "x JT", "abs MB", "+base MB"]
+    header = ["method", "s/step", "x JT", "paired", "peak MB", "x JT", "step MB", "x JT", "abs MB", "+base MB"]
     rows = []
     for name, r in res["methods"].items():
         if "median_s" not in r:
-            rows.append([name, "failed", "", "", "", "", "", "", (r.get("error") or "")[:60]])
+            rows.append([name, "failed", "", "", "", "", "", "", "", (r.get("error") or "")[:60]])
             continue
         smr = r.get("step_mem_ratio")
-        rows.append([name, f"{r['median_s']:.3f}", f"{r['time_ratio']:.2f}", f"{r['peak_mb']:.0f}",
+        paired = r.get("time_ratio_paired")
+        rows.append([name, f"{r['median_s']:.3f}", f"{r['time_ratio']:.2f}",
+                     "-" if paired is None else f"{paired:.2f}", f"{r['peak_mb']:.0f}",
                      f"{r['mem_ratio']:.2f}", f"{r['step_mb']:.0f}", "-" if smr is None else f"{smr:.2f}",
                      f"{r['abs_peak_mb']:.0f}", f"{r['above_baseline_mb']:.0f}"])
     lines.append(fmt_table(header, rows))
     lines.append("")
+    lines.append("s/step: median; x JT: ratio of medians; paired: median over rounds of the ratio to JT's step "
+                 "in the same round")
     lines.append("peak MB = weights + own optimiser state + step MB (the step's peak above the memory held "
                  "before it); abs MB = process peak; +base MB = above the RSS before the model was built "
                  "(includes every method's optimiser state)")
     for t in res["targets"]:
         lines.append(
             f"target {t['method']:<24} time {t['time_ratio']:.2f}x <= {t['time_target']}x "
-            f"{'PASS' if t['time_pass'] else 'MISS'};  memory {t['mem_ratio']:.2f}x <= {t['mem_target']}x "
+            f"{'PASS' if t['time_pass'] else 'MISS'}"
+            + ("" if t.get("time_ratio_paired") is None else f" (paired {t['time_ratio_paired']:.2f}x)")
+            + f";  memory {t['mem_ratio']:.2f}x <= {t['mem_target']}x "
             f"{'PASS' if t['mem_pass'] else 'MISS'}")
     for name, phases in res.get("phases", {}).items():
         total = sum(p["median_s"] for p in phases)

@@ -57,6 +57,7 @@ def test_parse_variant():
     sc = _load_script()
     v = sc.parse_variant("metaxl-fd-frozen-emb-upper6-proto")
     assert (v.base, v.fd, v.frozen_emb, v.upper, v.proto) == ("metaxl", True, True, 6, True)
+    assert sc.parse_variant("metaxl-sparse-emb").sparse_emb
     assert sc.parse_variant("jt-rtn-frozen-emb").base == "jt-rtn"
     with pytest.raises(SystemExit):
         sc.parse_variant("jt-fd")
@@ -67,7 +68,7 @@ class _ConstSched:
         pass
 
 
-def _pair(variant, layers, task, hypergrad, vfl=0):
+def _pair(variant, layers, task, hypergrad, vfl=0, sparse=False):
     """The same float64 model + RTN twice: one for Learner, one for the prototype."""
     sc = _load_script()
     torch.manual_seed(0)
@@ -82,25 +83,32 @@ def _pair(variant, layers, task, hypergrad, vfl=0):
     for learner_cls, m, i in ((Learner, model, inj), (sc.ProtoLearner, model2, inj2)):
         out.append(learner_cls(m, i, cfg, torch.optim.SGD(m.parameters(), lr=0.1), _ConstSched(),
                                torch.optim.SGD(i.parameters(), lr=0.1), _ConstSched(), contextlib.nullcontext))
+    out[1].sparse_emb = sparse
     g = torch.Generator().manual_seed(1)
 
     def batch(n, length=6):
-        ids = torch.randint(4, 64, (n, length), generator=g)
+        ids = torch.randint(4, 40, (n, length), generator=g)  # batches share some ids
+        mask = torch.ones(n, length, dtype=torch.long)
+        ids[0, -2:], mask[0, -2:] = 0, 0  # padding (pad_token_id 0 = the embedding's padding_idx)
         labels = torch.randint(0, 3, (n, length) if task == "ner" else (n,), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones(n, length, dtype=torch.long), "labels": labels}
+        if task == "ner":
+            labels[mask == 0] = -100
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return out, batch(3), batch(2), batch(2)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["proto", "sparse-emb"])
 @pytest.mark.parametrize("variant,layers,task,hypergrad,vfl", [
     ("plain", (0, 2), "ner", "exact", 0),
     ("gated", (2,), "sa", "exact", 0),
     ("gated", (2,), "ner", "exact", 2),
-    ("plain", (2,), "ner", "finite-difference", 0),
+    ("plain", (0, 2), "ner", "finite-difference", 0),
     ("gated", (2,), "sa", "finite-difference", 0),
 ])
-def test_prototype_matches_learner(variant, layers, task, hypergrad, vfl):
-    (ref, proto), src, tgt, meta = _pair(variant, layers, task, hypergrad, vfl)
+def test_prototype_matches_learner(variant, layers, task, hypergrad, vfl, sparse):
+    (ref, proto), src, tgt, meta = _pair(variant, layers, task, hypergrad, vfl, sparse)
+    assert set(src["input_ids"].unique().tolist()) & set(meta["input_ids"].unique().tolist()) - {0}
     g_ref, ml_ref = ref.hypergradient(src, 0, tgt, meta)
     g_new, ml_new = proto.hypergradient(src, 0, tgt, meta)
     assert ml_new == pytest.approx(ml_ref, rel=1e-12)
