@@ -19,8 +19,9 @@ are reported too.
 Method names: a base (``jt``, ``jt-rtn``, ``metaxl``, ``target-only``) and optional suffixes:
 ``-fd`` (finite-difference hypergradient), ``-frozen-emb`` (freeze_embeddings), ``-upper<K>``
 (virtual step on the top K layers and the head only: virtual_from_layer = N-K+1), ``-proto``
-(the prototype :class:`ProtoLearner`, proposed changes to meta.py, see docs/performance.md),
-``-sparse-emb`` (the prototype plus its row-sparse virtual step of the word embeddings), ``-fused``
+(the prototype :class:`ProtoLearner`; alone it is now :class:`Learner`, since its change A moved
+into meta.py), ``-sparse-emb`` (the prototype's row-sparse virtual step of the word embeddings,
+change B in docs/performance.md), ``-fused``
 (theta's AdamW with ``fused=True``).
 
     python benchmarks/step_cost.py --model default --task ner --batch-size 10 --seq-len 64 \\
@@ -50,7 +51,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaxl.config import TrainConfig
-from metaxl.meta import Batch, Learner, StepStats, _dist_ready, batch_loss, split_batch
+from metaxl.meta import Batch, Learner, _dist_ready, batch_loss, split_batch
 from metaxl.rtn import RTNInjector
 
 BASES = ("jt-rtn", "jt", "metaxl", "target-only")  # jt-rtn before jt: prefix match
@@ -118,79 +119,61 @@ def parse_variant(name: str) -> Variant:
 
 # ---------------------------------------------------------------------------- the prototype
 class ProtoLearner(Learner):
-    """Prototype of the changes to :mod:`metaxl.meta` proposed in docs/performance.md.
+    """Prototype of change B proposed in docs/performance.md, on top of :class:`Learner`.
 
-    Same maths as :class:`Learner` (dropout masks aside); it differs in *how* it computes:
+    Change A (target gradient taken once, first order, over all of theta and reused for the theta
+    step; second order through the source loss only; source-only finite differences) is now
+    :class:`Learner`'s own code path, so ``-proto`` alone is :class:`Learner`. With
+    ``sparse_emb`` (``-sparse-emb``), the word-embedding matrix takes the virtual step on the
+    rows the batches use only: the source loss reads ``W[U_src]`` (ids remapped), theta' and g'
+    hold ``W[U_meta]`` rows, the finite differences shift ``W[U_src]``; no dense vocab x d tensor
+    in the hypergradient besides the target gradient kept for the theta step.
 
-    1. ``L_tgt`` does not depend on phi, so its gradient is taken first-order (no
-       ``create_graph``, fused attention), apart from the source loss, whose gradient alone is
-       taken with ``create_graph`` in the exact mode; the phi-derivative of ``<g_tgt, g'>`` is 0.
-    2. theta is unchanged until its own step, so that target gradient (over all of theta) is
-       kept and reused for the theta step: the recomputed training loss is the source loss only.
-    3. finite-difference mode: the two shifted training losses skip the target batch (its
-       phi-gradient is 0).
-    4. no clone of ``g`` without ``torch.distributed`` (``allreduce_mean`` is then a no-op),
-       theta' and the shifted parameters in one pass (``torch.add(p, g, alpha=...)``), and
-       theta' is released before the second-order backward.
-
-    Single process, no GradScaler (fp16 falls back to :class:`Learner`).
+    Single process, no GradScaler (otherwise it is :class:`Learner`).
     """
 
-    _g_tgt: list[torch.Tensor | None] | None = None
-    _loss_tgt: float = 0.0
     sparse_emb: bool = False
-    """5. (``-sparse-emb``) the word-embedding matrix takes the virtual step on the rows the
-    batches use only: the source loss reads ``W[U_src]`` (ids remapped), theta' and g' hold
-    ``W[U_meta]`` rows, the finite differences shift ``W[U_src]``; no dense vocab x d tensor in
-    the hypergradient besides the target gradient kept for the theta step."""
 
     def _embedding_name(self) -> str | None:
         weight = self.model.get_input_embeddings().weight
         return next((n for n in self.virtual_names if self.theta[n] is weight), None)
 
-    def hypergradient(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
-                      ) -> tuple[list[torch.Tensor], float]:
-        if self.scaler is not None or _dist_ready() or src is None:
-            self._g_tgt = None
-            return super().hypergradient(src, source, tgt, meta)
+    def _hypergradient(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
+                       ) -> tuple[list[torch.Tensor], float, list[torch.Tensor | None] | None, float]:
+        en = self._embedding_name() if self.sparse_emb else None
+        if en is None or self.scaler is not None or _dist_ready() or src is None:
+            return super()._hypergradient(src, source, tgt, meta)
         names = self.virtual_names
         theta = [self.theta[n] for n in names]
         a = self.inner_lr()
         exact = self.cfg.hypergrad == "exact"
-        en = self._embedding_name() if self.sparse_emb else None
         pad = self.model.get_input_embeddings().padding_idx
-        u_src = u_meta = None
-        if en is not None:
-            u_src, u_meta = compact_ids(src, pad), compact_ids(meta, pad)
+        u_src, u_meta = compact_ids(src, pad), compact_ids(meta, pad)
 
         # (1a) target part, first order, over all of theta (kept for the theta step)
-        self._g_tgt, self._loss_tgt = None, 0.0
+        g_tgt_all: list[torch.Tensor | None] | None = None
+        loss_t = 0.0
         g_tgt: dict[str, torch.Tensor] = {}
         if tgt is not None:
-            all_params = list(self.theta.values())
-            with self.autocast():
-                loss_t = batch_loss(self.model, tgt)
-            self._g_tgt = list(torch.autograd.grad(loss_t, all_params, allow_unused=True))
-            self._loss_tgt = float(loss_t.detach())
-            del loss_t
-            g_tgt = {n: gt for n, gt in zip(self.theta, self._g_tgt, strict=True) if gt is not None}
+            loss_tgt = self.train_loss(None, source, tgt)
+            g_tgt_all = list(torch.autograd.grad(loss_tgt, list(self.theta.values()), allow_unused=True))
+            loss_t = float(loss_tgt.detach())
+            del loss_tgt
+            g_tgt = {n: gt for n, gt in zip(self.theta, g_tgt_all, strict=True) if gt is not None}
 
-        # (1b) source part; the exact mode keeps its graph (math attention: double backward)
-        inputs, src_in, sub = theta, src, None
-        if en is not None:
-            w_src = self.theta[en].index_select(0, u_src)  # differentiable rows of the leaf
-            sub = {en: w_src}
-            inputs = [w_src if n == en else p for n, p in zip(names, theta, strict=True)]
-            src_in = remap_ids(src, u_src)
+        # (1b) source part at the source batch's embedding rows; exact mode keeps its graph
+        w_src = self.theta[en].index_select(0, u_src)  # differentiable rows of the leaf
+        sub: dict[str, torch.Tensor] | None = {en: w_src}
+        inputs = [w_src if n == en else p for n, p in zip(names, theta, strict=True)]
+        src_in = remap_ids(src, u_src)
         with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
             loss_s = self.train_loss(src_in, source, None, params=sub)
         g_src = list(torch.autograd.grad(loss_s, inputs, create_graph=exact, allow_unused=True))
         del loss_s, sub
-        if en is not None:  # the embedding's source gradient on the meta batch's rows
-            i = names.index(en)
-            g_src[i] = None if g_src[i] is None else gather_rows(g_src[i], u_src, u_meta)
+        i = names.index(en)  # the embedding's source gradient on the meta batch's rows
+        g_src[i] = None if g_src[i] is None else gather_rows(g_src[i], u_src, u_meta)
 
-        # (2) theta' = theta - a (g_src + g_tgt) in one allocation per parameter
+        # (2) theta' = theta - a (g_src + g_tgt), the embedding on the meta batch's rows
         theta_prime = {}
         for n, p, gs in zip(names, theta, g_src, strict=True):
             base = p.detach() if n != en else p.detach().index_select(0, u_meta)
@@ -198,13 +181,13 @@ class ProtoLearner(Learner):
             if n in g_tgt:
                 tp.sub_(g_tgt[n] if n != en else g_tgt[n].index_select(0, u_meta), alpha=a)
             theta_prime[n] = tp.requires_grad_()
-        meta_in = meta if en is None else remap_ids(meta, u_meta)
         with self.autocast():
-            meta_loss = batch_loss(self.model, meta_in, theta_prime)
+            meta_loss = batch_loss(self.model, remap_ids(meta, u_meta), theta_prime)
         raw = torch.autograd.grad(meta_loss, list(theta_prime.values()), allow_unused=True)
         g_meta = [torch.zeros_like(tp) if gm is None else gm.detach()
                   for tp, gm in zip(theta_prime.values(), raw, strict=True)]
-        del theta_prime, raw
+        meta_value = float(meta_loss.detach())
+        del theta_prime, raw, meta_loss
 
         # (3) d L_meta / d phi = -a d/dphi <g_src(phi), g'>
         if exact:
@@ -215,49 +198,18 @@ class ProtoLearner(Learner):
             del g_src
             norm = torch.stack([(gm.float() ** 2).sum() for gm in g_meta]).sum().sqrt()
             eps = self.cfg.fd_epsilon / max(float(norm), 1e-12)
-            if en is not None:  # shift the source batch's rows: g' there (0 off the meta rows)
-                i = names.index(en)
-                g_meta[i] = gather_rows(g_meta[i], u_meta, u_src)
-                bases = [p.detach() if n != en else p.detach().index_select(0, u_src)
-                         for n, p in zip(names, theta, strict=True)]
-            else:
-                bases = [p.detach() for p in theta]
+            # shift the source batch's rows: g' there (0 off the meta rows)
+            g_meta[i] = gather_rows(g_meta[i], u_meta, u_src)
+            bases = [p.detach() if n != en else p.detach().index_select(0, u_src)
+                     for n, p in zip(names, theta, strict=True)]
 
             def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
                 shifted = {n: torch.add(b, gm, alpha=sign * eps) for n, b, gm in zip(names, bases, g_meta, strict=True)}
-                loss_s = self.train_loss(src_in, source, None, params=shifted)
-                return torch.autograd.grad(loss_s, self.phi, allow_unused=True)
+                loss_sh = self.train_loss(src_in, source, None, params=shifted)
+                return torch.autograd.grad(loss_sh, self.phi, allow_unused=True)
 
-            plus, minus = phi_grad_at(1.0), phi_grad_at(-1.0)
-            phi_grads = []
-            for p, gp, gn in zip(self.phi, plus, minus, strict=True):
-                gp = torch.zeros_like(p) if gp is None else gp
-                gn = torch.zeros_like(p) if gn is None else gn
-                phi_grads.append(-a * (gp - gn) / (2 * eps))
-        return phi_grads, float(meta_loss.detach())
-
-    def metaxl_step(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch) -> StepStats:
-        self._g_tgt, self._loss_tgt = None, 0.0
-        stats = super().metaxl_step(src, source, tgt, meta)
-        stats.loss += self._loss_tgt  # the recomputed loss was the source part only
-        self._g_tgt = None
-        return stats
-
-    def train_loss(self, src: Batch | None, source: int, tgt: Batch | None,
-                   params: dict[str, torch.Tensor] | None = None, rtn: bool = True) -> torch.Tensor:
-        # called by Learner.metaxl_step for the recomputed loss: drop the target batch when its
-        # gradient is kept; the theta step adds it (see _update_theta)
-        if self._g_tgt is not None and params is None and tgt is not None and src is not None:
-            tgt = None
-        return super().train_loss(src, source, tgt, params, rtn)
-
-    def _update_theta(self, loss: torch.Tensor, extra: list[torch.nn.Parameter] | None = None) -> None:
-        if self._g_tgt is not None:
-            for p, gt in zip(self.theta.values(), self._g_tgt, strict=True):
-                if gt is not None:
-                    p.grad = gt  # the backward below accumulates the source gradient into it
-            self._g_tgt = None
-        super()._update_theta(loss, extra)
+            phi_grads = self._central_difference(phi_grad_at, a, eps)
+        return phi_grads, meta_value, g_tgt_all, loss_t
 
 
 def compact_ids(batch: Batch, padding_idx: int | None) -> torch.Tensor:
@@ -541,8 +493,9 @@ def make_runner(v: Variant, model: Any, args: argparse.Namespace, device: torch.
 
 # ---------------------------------------------------------------------------- phases
 def phase_breakdown(r: Runner, src: Batch, tgt: Batch, meter: Meter) -> list[tuple[str, float, int, int]]:
-    """One step of ``r``'s method, mirroring meta.py (single process, no GradScaler), timed by
-    phase. Returns (phase, seconds, peak bytes in the phase above the step start, bytes held at
+    """One step of ``r``'s method, mirroring the joint computation of meta.py
+    (``Learner._hypergradient_joint``: single process, no GradScaler, no reuse of the target
+    gradient), timed by phase. Returns (phase, seconds, peak bytes in the phase above the step start, bytes held at
     its end above the step start)."""
     L = r.learner
     out: list[tuple[str, float, int, int]] = []

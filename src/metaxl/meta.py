@@ -14,6 +14,15 @@ differs. The MetaXL step follows Algorithm 1 of the paper, with the official cod
 4. phi's optimiser steps; then ``L_train`` is recomputed with the new phi and theta's optimiser
    steps on it (gradient clipped).
 
+``L_tgt`` does not depend on phi, so its work is not redone: ``g_tgt = grad L_tgt(theta)`` is
+taken once, first order, over all of theta, and kept; only ``g_src = grad L_src`` is taken with
+``create_graph`` in the exact mode (``d/dphi <g_tgt, g'> = 0``, so the proxy is
+``<g_src, g'>``), ``theta' = theta - a (g_src + g_tgt)`` is freed once ``g'`` is taken, the
+finite-difference shifted losses are source-only, and step 4 recomputes only ``L_src`` (new
+phi), whose gradient accumulates into the kept ``g_tgt`` before averaging, clipping and the step.
+With a GradScaler (fp16) the joint computation through ``L_train`` is kept
+(:meth:`Learner._hypergradient_joint`). Same maths either way, up to rounding and dropout masks.
+
 Under ``torch.distributed`` every gradient is averaged across processes so that one step equals
 the single-process step on the global batch.
 
@@ -191,9 +200,23 @@ class Learner:
         assert total is not None, "a step needs a source or a target batch"
         return total
 
-    def _update_theta(self, loss: torch.Tensor, extra: list[torch.nn.Parameter] | None = None) -> None:
-        """Backward ``loss`` into theta (and ``extra``), average across processes, clip, step."""
+    def _update_theta(
+        self,
+        loss: torch.Tensor,
+        extra: list[torch.nn.Parameter] | None = None,
+        kept: list[torch.Tensor | None] | None = None,
+    ) -> None:
+        """Backward ``loss`` into theta (and ``extra``), average across processes, clip, step.
+
+        ``kept``: gradients of another loss over theta (in ``self.theta``'s order, not scaled)
+        that the backward accumulates into, so the sum is averaged, clipped and stepped once.
+        """
         params = list(self.theta.values()) + (extra or [])
+        if kept is not None:
+            assert self.scaler is None, "kept gradients are not scaled"
+            for p, gk in zip(self.theta.values(), kept, strict=True):
+                if gk is not None:
+                    p.grad = gk
         if self.scaler is not None:
             self.scaler.scale(loss).backward(inputs=params)
         else:
@@ -246,6 +269,116 @@ class Learner:
         Returns the gradient for each RTN parameter and the meta loss. ``cfg.hypergrad`` picks
         the exact second-order computation or the finite-difference approximation.
         """
+        phi_grads, meta_loss, _, _ = self._hypergradient(src, source, tgt, meta)
+        return phi_grads, meta_loss
+
+    def _hypergradient(
+        self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
+    ) -> tuple[list[torch.Tensor], float, list[torch.Tensor | None] | None, float]:
+        """The hypergradient, the meta loss, and the target gradient over all of theta (None
+        when it was not kept) with the target loss, for :meth:`metaxl_step` to reuse.
+
+        ``L_tgt`` does not depend on phi: its gradient is taken once, first order, over all of
+        theta and kept for the theta step; only ``L_src`` is differentiated with ``create_graph``
+        (the phi-derivative of ``<g_tgt, g'>`` is 0) and the finite-difference shifted losses are
+        source-only. With a GradScaler (fp16) or without a source batch, the joint computation
+        :meth:`_hypergradient_joint` is used instead.
+        """
+        if self.scaler is not None or src is None:
+            phi_grads, meta_value = self._hypergradient_joint(src, source, tgt, meta)
+            return phi_grads, meta_value, None, 0.0
+        names = self.virtual_names
+        theta = [self.theta[n] for n in names]
+        a = self.inner_lr()
+        exact = self.cfg.hypergrad == "exact"
+
+        # (1a) g_tgt = grad_theta L_tgt(theta), first order, over all of theta (kept)
+        g_tgt_all: list[torch.Tensor | None] | None = None
+        loss_t = 0.0
+        g_tgt: dict[str, torch.Tensor] = {}
+        if tgt is not None:
+            loss_tgt = self.train_loss(None, source, tgt)
+            g_tgt_all = list(torch.autograd.grad(loss_tgt, list(self.theta.values()), allow_unused=True))
+            loss_t = float(loss_tgt.detach())
+            del loss_tgt
+            g_tgt = {n: gt for n, gt in zip(self.theta, g_tgt_all, strict=True) if gt is not None}
+
+        # (1b) g_src = grad_theta L_src(theta, phi); a graph through it is kept in the exact mode.
+        # Fused attention kernels have no double backward: the exact mode uses the math kernel.
+        with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
+            loss_s = self.train_loss(src, source, None)
+        g_src = list(torch.autograd.grad(loss_s, theta, create_graph=exact, allow_unused=True))
+        del loss_s
+
+        # (2) virtual step theta' = theta - a (g_src + g_tgt), g averaged across processes
+        theta_prime: dict[str, torch.Tensor] = {}
+        if _dist_ready():
+            g_sum = []
+            for n, p, gs in zip(names, theta, g_src, strict=True):
+                gi = torch.zeros_like(p) if gs is None else gs.detach().clone()
+                if n in g_tgt:
+                    gi.add_(g_tgt[n])
+                g_sum.append(gi)
+            allreduce_mean(g_sum)
+            for n, p, gi in zip(names, theta, g_sum, strict=True):
+                theta_prime[n] = gi.mul_(-a).add_(p.detach()).requires_grad_()
+            del g_sum
+        else:
+            for n, p, gs in zip(names, theta, g_src, strict=True):
+                tp = p.detach().clone() if gs is None else p.detach().sub(gs.detach(), alpha=a)
+                if n in g_tgt:
+                    tp.sub_(g_tgt[n], alpha=a)
+                theta_prime[n] = tp.requires_grad_()
+        # g' = grad L_meta(theta'); theta' is freed once g' is taken
+        with self.autocast():
+            meta_loss = batch_loss(self.model, meta, theta_prime)
+        raw = torch.autograd.grad(meta_loss, list(theta_prime.values()), allow_unused=True)
+        g_meta = [torch.zeros_like(p) if gm is None else gm.detach() for p, gm in zip(theta, raw, strict=True)]
+        meta_value = float(meta_loss.detach())
+        del theta_prime, raw, meta_loss
+        allreduce_mean(g_meta)
+
+        # (3) d L_meta / d phi = -a * d/dphi <g_src(phi), g'>
+        if exact:
+            terms = [(gs * gm).sum() for gs, gm in zip(g_src, g_meta, strict=True) if gs is not None]
+            grads: tuple[torch.Tensor | None, ...] = (None,) * len(self.phi)
+            if terms:
+                grads = torch.autograd.grad(torch.stack(terms).sum(), self.phi, allow_unused=True)
+            del terms, g_src
+            phi_grads = [torch.zeros_like(p) if d is None else -a * d for p, d in zip(self.phi, grads, strict=True)]
+        else:
+            del g_src
+            norm = torch.stack([(gm.float() ** 2).sum() for gm in g_meta]).sum().sqrt()
+            eps = self.cfg.fd_epsilon / max(float(norm), 1e-12)
+
+            def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
+                shifted = {
+                    n: torch.add(p.detach(), gm, alpha=sign * eps) for n, p, gm in zip(names, theta, g_meta, strict=True)
+                }
+                loss_sh = self.train_loss(src, source, None, params=shifted)
+                return torch.autograd.grad(loss_sh, self.phi, allow_unused=True)
+
+            phi_grads = self._central_difference(phi_grad_at, a, eps)
+        allreduce_mean(phi_grads)
+        return phi_grads, meta_value, g_tgt_all, loss_t
+
+    def _central_difference(
+        self, phi_grad_at: Callable[[float], tuple[torch.Tensor | None, ...]], a: float, eps: float
+    ) -> list[torch.Tensor]:
+        """``-a * (grad_phi at +eps - grad_phi at -eps) / 2 eps``, zeros where phi is unused."""
+        plus, minus = phi_grad_at(1.0), phi_grad_at(-1.0)
+        phi_grads = []
+        for p, gp, gn in zip(self.phi, plus, minus, strict=True):
+            gp = torch.zeros_like(p) if gp is None else gp
+            gn = torch.zeros_like(p) if gn is None else gn
+            phi_grads.append(-a * (gp - gn) / (2 * eps))
+        return phi_grads
+
+    def _hypergradient_joint(
+        self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
+    ) -> tuple[list[torch.Tensor], float]:
+        """The hypergradient from the joint ``L_train = L_src + L_tgt`` (second order through
+        both in the exact mode): the GradScaler (fp16) and target-only code path."""
         names = self.virtual_names
         theta = [self.theta[n] for n in names]
         a = self.inner_lr()
@@ -287,19 +420,18 @@ class Learner:
                 loss_s = self.train_loss(src, source, tgt, params=shifted)
                 return torch.autograd.grad(loss_s, self.phi, allow_unused=True)
 
-            plus, minus = phi_grad_at(1.0), phi_grad_at(-1.0)
-            phi_grads = []
-            for p, gp, gn in zip(self.phi, plus, minus, strict=True):
-                gp = torch.zeros_like(p) if gp is None else gp
-                gn = torch.zeros_like(p) if gn is None else gn
-                phi_grads.append(-a * (gp - gn) / (2 * eps))
+            phi_grads = self._central_difference(phi_grad_at, a, eps)
         allreduce_mean(phi_grads)
         return phi_grads, float(meta_loss.detach())
 
     def metaxl_step(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch) -> StepStats:
-        """Algorithm 1: hypergradient into phi, phi step, then theta step with the new phi."""
+        """Algorithm 1: hypergradient into phi, phi step, then theta step with the new phi.
+
+        The theta step reuses the target gradient kept by the hypergradient: only the source
+        loss is recomputed (with the new phi) and its gradient accumulates into the kept one.
+        """
         assert self.opt_phi is not None
-        phi_grads, meta_loss = self.hypergradient(src, source, tgt, meta)
+        phi_grads, meta_loss, g_tgt, loss_t = self._hypergradient(src, source, tgt, meta)
         finite = all(torch.isfinite(d).all() for d in phi_grads)
         if finite:
             for p, d in zip(self.phi, phi_grads, strict=True):
@@ -309,9 +441,13 @@ class Learner:
         self.opt_phi.zero_grad(set_to_none=True)
         phi_norm = math.sqrt(sum(float((d.float() ** 2).sum()) for d in phi_grads)) if finite else float("nan")
 
-        loss = self.train_loss(src, source, tgt)  # recomputed with the new phi
-        self._update_theta(loss)
-        return StepStats(loss=float(loss.detach()), meta_loss=meta_loss, phi_grad_norm=phi_norm)
+        if g_tgt is None:
+            loss = self.train_loss(src, source, tgt)  # recomputed with the new phi
+            self._update_theta(loss)
+            return StepStats(loss=float(loss.detach()), meta_loss=meta_loss, phi_grad_norm=phi_norm)
+        loss = self.train_loss(src, source, None)  # the source part, recomputed with the new phi
+        self._update_theta(loss, kept=g_tgt)
+        return StepStats(loss=float(loss.detach()) + loss_t, meta_loss=meta_loss, phi_grad_norm=phi_norm)
 
 
 def split_batch(batch: Batch) -> tuple[Batch, Batch]:
