@@ -158,3 +158,17 @@ def test_cli_flags_override_yaml(tmp_path):
     y.write_text("methd: jt\n")
     with pytest.raises(ConfigError, match="methd"):
         config_from_args(build_parser().parse_args(["train", "--config", str(y)]))
+
+
+def test_head_lr_puts_the_head_in_its_own_group(tiny_model):
+    from metaxl.models import load_model
+    from metaxl.train import theta_groups
+
+    model = load_model(str(tiny_model), "ner", ["O", "B-PER", "I-PER"])
+    head = {id(p) for p in model.classifier.parameters()}
+    groups = theta_groups(model, TrainConfig(lr=1e-4, head_lr=3e-3))
+    assert [g["lr"] for g in groups] == [1e-4, 3e-3]
+    assert {id(p) for p in groups[1]["params"]} == head
+    assert not head & {id(p) for p in groups[0]["params"]}
+    (single,) = theta_groups(model, TrainConfig(lr=1e-4))
+    assert len(single["params"]) == len(list(model.parameters()))

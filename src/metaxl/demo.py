@@ -31,7 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/demo",
     "max_length": 64,
     "batch_size": 10,
-    "lr": 2e-4,
+    "lr": 1e-4,
+    "head_lr": 3e-3,
     "meta_lr": 1e-4,
 }
 
@@ -51,6 +52,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--meta-lr", type=float, default=DEFAULTS["meta_lr"])
+    p.add_argument("--head-lr", type=float, default=DEFAULTS["head_lr"],
+                   help="lr of the classification head (short CPU runs need a large one)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
     p.add_argument("--model", default=DEFAULTS["model"], help="default = offline multilingual-e5-small")
@@ -76,7 +79,7 @@ def run_demo(args: argparse.Namespace) -> int:
             target=args.target, source=[args.source], data_dir=args.data_dir, method=method,
             target_size=args.target_size, source_size=args.source_size, dev_size=args.dev_size,
             test_size=args.test_size, epochs=args.epochs, seed=args.seed, model=args.model,
-            lr=args.lr, meta_lr=args.meta_lr, batch_size=args.batch_size, max_length=args.max_length,
+            lr=args.lr, meta_lr=args.meta_lr, head_lr=args.head_lr, batch_size=args.batch_size, max_length=args.max_length,
             device=args.device, output_dir=str(out / method), progress=not args.no_progress,
             freeze_embeddings=not args.train_embeddings,
         )

@@ -122,6 +122,22 @@ def cycle(features: list[dict[str, Any]], batch_size: int, generator: torch.Gene
         yield from batches(features, batch_size, generator)
 
 
+def theta_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Optimiser groups for the model: the encoder at ``lr`` (group 0, whose lr is also the
+    virtual-step lr), the task head (parameters above every layer) at ``head_lr``."""
+    from .meta import param_depth
+
+    num_layers = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layers", 0) or 0)
+    encoder: list[torch.nn.Parameter] = []
+    head: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if param_depth(name, num_layers) > num_layers else encoder).append(p)
+    if cfg.head_lr is None:
+        return [{"params": encoder + head, "lr": cfg.lr}]
+    return [{"params": encoder, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}]
+
+
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict_features(model: Any, features: list[dict[str, Any]], pad_id: int, batch_size: int,
@@ -255,8 +271,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     )
     main_steps = steps_per_epoch * cfg.epochs
     total_epochs = cfg.epochs + cfg.backoff_epochs
-    opt_theta = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    opt_theta = torch.optim.AdamW(theta_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched_theta = get_linear_schedule_with_warmup(opt_theta, int(cfg.warmup * main_steps), main_steps)
     opt_phi = sched_phi = None
     if injector is not None:
@@ -319,8 +334,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             if injector is not None:
                 injector.remove()
             back_steps = steps_per_epoch * cfg.backoff_epochs
-            for group in opt_theta.param_groups:
-                group["lr"] = cfg.lr
+            for group, lr in zip(opt_theta.param_groups, (cfg.lr, cfg.head_lr or cfg.lr), strict=False):
+                group["lr"] = group["initial_lr"] = lr
             learner.sched_theta = get_linear_schedule_with_warmup(opt_theta, int(cfg.warmup * back_steps), back_steps)
         model.train()
         t0 = time.time()
