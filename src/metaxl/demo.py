@@ -129,10 +129,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, target: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.plot(range(1, len(r["epochs"]) + 1), r["epochs"], marker="o", label=r["method"])
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("dev F1 (%)")
     ax.set_title(f"{target}: dev F1 per epoch")
