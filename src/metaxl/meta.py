@@ -69,6 +69,18 @@ def param_depth(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
+def num_layers(model: nn.Module) -> int:
+    """Number of encoder layers, from the model config (0 when it does not say).
+
+    >>> from transformers import BertConfig, BertModel
+    >>> num_layers(BertModel(BertConfig(hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
+    ...     intermediate_size=8, vocab_size=10)))
+    3
+    """
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", 0) or 0)
+
+
 def batch_loss(model: nn.Module, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean loss of ``model`` on ``batch``, optionally at substituted parameters ``params``.
 
@@ -156,9 +168,8 @@ class Learner:
         self.scaler = scaler
         self.method = cfg.method
         self.theta = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        config = getattr(model, "config", None)
-        num_layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", 0) or 0)
-        self.virtual_names = [n for n in self.theta if param_depth(n, num_layers) >= cfg.virtual_from_layer]
+        depth = num_layers(model)
+        self.virtual_names = [n for n in self.theta if param_depth(n, depth) >= cfg.virtual_from_layer]
         self.phi = list(injector.parameters()) if injector is not None else []
 
     # ------------------------------------------------------------------ helpers

@@ -125,14 +125,14 @@ def cycle(features: list[dict[str, Any]], batch_size: int, generator: torch.Gene
 def theta_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Optimiser groups for the model: the encoder at ``lr`` (group 0, whose lr is also the
     virtual-step lr), the task head (parameters above every layer) at ``head_lr``."""
-    from .meta import param_depth
+    from .meta import num_layers, param_depth
 
-    num_layers = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layers", 0) or 0)
+    depth = num_layers(model)
     encoder: list[torch.nn.Parameter] = []
     head: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (head if param_depth(name, num_layers) > num_layers else encoder).append(p)
+            (head if param_depth(name, depth) > depth else encoder).append(p)
     if cfg.head_lr is None:
         return [{"params": encoder + head, "lr": cfg.lr}]
     return [{"params": encoder, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}]
