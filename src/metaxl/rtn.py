@@ -14,7 +14,7 @@ Two variants:
 >>> import torch
 >>> from transformers import BertConfig, BertForTokenClassification
 >>> model = BertForTokenClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-...     num_attention_heads=2, intermediate_size=20, num_labels=3))
+...     num_attention_heads=2, intermediate_size=20, num_labels=3)).eval()
 >>> injector = RTNInjector(model, layers=[0, 2], variant="plain", hidden=8)
 >>> x = torch.tensor([[1, 2, 3]])
 >>> plain = model(input_ids=x).logits

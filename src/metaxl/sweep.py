@@ -285,7 +285,7 @@ def _slug(value: Any) -> str:
 
 
 def _layers_label(layers: Sequence[int]) -> str:
-    return "L" + "+".join(str(x) for x in layers)
+    return "L" + "+".join("last" if x == -1 else str(x) for x in layers)
 
 
 def key_matters(key: str, method: str) -> bool:
@@ -307,7 +307,7 @@ def run_name(cfg: TrainConfig, extra_keys: Sequence[str] = ()) -> str:
     """Readable folder name of a run (without the uniqueness hash).
 
     >>> run_name(TrainConfig(target="masakhaner2:luo", source=["masakhaner2:en"], seed=1))
-    'ner/masakhaner2-luo/metaxl/src-masakhaner2-en/n1000/L12/seed1'
+    'ner/masakhaner2-luo/metaxl/src-masakhaner2-en/n1000/Llast/seed1'
     """
     eff = effective_config(cfg)
     method = cfg.method
