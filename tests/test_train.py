@@ -128,6 +128,7 @@ def test_bad_inputs_fail_before_writing(toy_data, tiny_model, tmp_path, capsys):
     out = tmp_path / "never"
     cases = [
         (dict(rtn_layers=[7]), ConfigError, "out of range"),
+        (dict(max_length=100), ConfigError, "max-length 64 or less"),
         (dict(target=str(tmp_path / "missing")), DataError, "missing"),
         (dict(model=str(tmp_path / "nomodel")), MetaXLError, "nomodel"),
     ]

@@ -227,6 +227,12 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     tokenizer = load_tokenizer(cfg.model)
     set_seed(cfg.seed)
     model = load_model(cfg.model, data.task, data.labels)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_pos, int):
+        limit = max_pos - (2 if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0)
+        if cfg.max_length > limit:
+            raise ConfigError(f"--max-length {cfg.max_length} is longer than model {cfg.model!r} supports "
+                              f"({limit} positions); use --max-length {limit} or less")
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     _grad_ok(model)
