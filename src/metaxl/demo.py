@@ -22,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "source": "masakhaner2:en",
     "methods": "target-only,jt,metaxl",
     "target_size": 100,
-    "source_size": 200,
+    "source_size": 150,
     "epochs": 5,
     "dev_size": 200,
     "test_size": 500,
