@@ -51,7 +51,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaxl.config import TrainConfig
-from metaxl.meta import Batch, Learner, _dist_ready, batch_loss, split_batch
+from metaxl.meta import Batch, Learner, _dist_ready, batch_loss, enable_gradient_checkpointing, split_batch
 from metaxl.rtn import RTNInjector
 
 BASES = ("jt-rtn", "jt", "metaxl", "target-only")  # jt-rtn before jt: prefix match
@@ -696,8 +696,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = build_model(args.model, args.task).to(device)
     model.train()
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = model.config
     num_layers = int(config.num_hidden_layers)
     vocab = int(model.get_input_embeddings().weight.shape[0])
@@ -712,6 +710,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.share_optimizer:
         shared = make_adamw([p for p in model.parameters() if p.requires_grad], args.lr, 0.0, args.adamw)
     runners = [make_runner(v, model, args, device, autocast, shared, num_layers) for v in variants]
+    if args.gradient_checkpointing:  # after the RTN hooks: the replay in backward must see their state
+        enable_gradient_checkpointing(model, [r.injector for r in runners if r.injector is not None])
     gen = torch.Generator().manual_seed(args.seed + 1)
 
     rounds = args.warmup + args.steps

@@ -523,3 +523,24 @@ def test_sweep_then_report_end_to_end(tmp_path: Path, fake_train: Path) -> None:
     assert all(set(r.cells) == {"masakhaner2:luo", "masakhaner2:wol"} for r in table.rows)
     assert [c.stats.n for c in res.comparisons] == [4, 4]
     assert all(c.stats.mean == pytest.approx(2.0) for c in res.comparisons)  # fake: metaxl = jt + 2
+
+
+def test_first_seeds_run_first(tmp_path: Path, fake_train: Path) -> None:
+    """Every setting's seed 1 is launched before any seed 2: a sweep stopped early leaves whole tables."""
+    cfg = small_sweep(tmp_path, ["masakhaner2:luo", "masakhaner2:wol"], seeds=[1, 2])
+    run_sweep(cfg, runs_dir=tmp_path / "runs", jobs=1, progress=False, out=io.StringIO())
+    order = [line.split(" ", 2)[2] for line in fake_train.read_text().splitlines() if line.strip()]
+    seeds = [Path(d).name for d in order]
+    assert seeds == ["seed1", "seed1", "seed2", "seed2"], order
+    assert "luo" in order[0] and "wol" in order[1]
+
+
+def test_save_state_does_not_change_a_runs_identity(tmp_path: Path, fake_train: Path) -> None:
+    """A sweep finished with save_state: false (fast GPU) is continued by one that saves state."""
+    runs_dir = tmp_path / "runs"
+    run_sweep(small_sweep(tmp_path, ["masakhaner2:luo"], save_state=False), runs_dir=runs_dir,
+              progress=False, out=io.StringIO())
+    again = run_sweep(small_sweep(tmp_path, ["masakhaner2:luo", "masakhaner2:wol"]), runs_dir=runs_dir,
+                      progress=False, out=io.StringIO())
+    assert (again.total, again.finished_before) == (2, 1)
+    assert len(launches_by_dir(fake_train)) == 2

@@ -173,3 +173,22 @@ def test_head_lr_puts_the_head_in_its_own_group(tiny_model):
     assert not head & {id(p) for p in groups[0]["params"]}
     (single,) = theta_groups(model, TrainConfig(lr=1e-4))
     assert len(single["params"]) == len(list(model.parameters()))
+
+
+def test_no_state_saved_without_save_state_and_data_seed_none_follows_the_seed(toy_data, tiny_model, tmp_path,
+                                                                                monkeypatch):
+    import metaxl.train as tr
+
+    saved = []
+    monkeypatch.setattr(tr, "_save_state", lambda *a, **k: saved.append(1))
+    cfg = _cfg(toy_data, tiny_model, tmp_path / "a", method="jt", epochs=2, save_state=False)
+    train(cfg, resume=True, log=lambda *_: None)
+    assert saved == []
+    train(_cfg(toy_data, tiny_model, tmp_path / "b", method="jt", epochs=2), resume=True, log=lambda *_: None)
+    assert saved == [1]  # after epoch 1 of 2
+
+    def sample(**kw):
+        return [e.tokens for e in tr.prepare_data(_cfg(toy_data, tiny_model, tmp_path / "c", **kw)).target_train]
+
+    assert sample(data_seed=None, seed=1) == sample(data_seed=1, seed=5)
+    assert sample(data_seed=None, seed=1) != sample(data_seed=None, seed=2)

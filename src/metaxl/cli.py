@@ -243,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("metaxl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co., which stopped reading: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args", "ConfigError"]

@@ -96,13 +96,18 @@ class TrainConfig:
     """After MetaXL training, fine-tune this many epochs on JT data (paper sec. 4.6)."""
     # --- run ---
     seed: int = 11
-    data_seed: int = 42
+    data_seed: int | None = 42
+    """Seed of the target/source subsamples (None: the run's seed, a different sample per seed)."""
     device: str = "auto"
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     eval_batch_size: int = 64
     output_dir: str = "runs/metaxl"
     save_checkpoint: bool = True
+    save_state: bool = True
+    """With --resume (as sweeps run): save the training state after each epoch. Turn off where an
+    epoch is faster than writing the model and optimiser (small models on a GPU); a killed run then
+    starts again from epoch 1."""
     progress: bool = True
 
     # ------------------------------------------------------------------

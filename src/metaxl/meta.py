@@ -89,7 +89,88 @@ def batch_loss(model: nn.Module, batch: Batch, params: dict[str, torch.Tensor] |
     """
     if params is None:
         return model(**batch).loss
-    return functional_call(model, params, args=(), kwargs=batch, strict=False).loss
+    _BOUND.append((model, params))
+    try:
+        return functional_call(model, params, args=(), kwargs=batch, strict=False).loss
+    finally:
+        _BOUND.pop()
+
+
+# Parameters bound by batch_loss's functional_call (innermost last), for checkpoint_context_fn.
+_BOUND: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+_SDP_FLAGS = (
+    (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+    (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+    (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled),
+    (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled),
+)
+
+
+class _Reusable:
+    """A context manager entered afresh each time (a graph may be replayed by several backwards)."""
+
+    def __init__(self, make: Callable[[], contextlib.ExitStack]) -> None:
+        self.make = make
+        self.stacks: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> None:
+        self.stacks.append(self.make())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stacks.pop().close()
+
+
+def checkpoint_context_fn(injector: RTNInjector | list[RTNInjector] | None) -> Callable[[], tuple[Any, Any]]:
+    """``context_fn`` for non-reentrant activation checkpointing under MetaXL.
+
+    A checkpointed layer is run again in backward, outside the contexts of its first forward; the
+    replay must see what that forward saw, or the gradient is wrong (or torch raises): the RTN
+    state (source batches pass through it, target batches do not), the attention kernels (the
+    exact hypergradient runs on the math kernel, whose double backward exists) and the virtual
+    weights theta' that ``functional_call`` bound. Each forward records them; the replay restores them.
+    ``injector`` may be a list (several injectors hooked on one model, as in the benchmark).
+
+    >>> from transformers import BertConfig, BertForTokenClassification
+    >>> model = BertForTokenClassification(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+    ...     num_attention_heads=2, intermediate_size=8))
+    >>> enable_gradient_checkpointing(model, None)   # passes checkpoint_context_fn(None) to torch
+    >>> model.bert.encoder.layer[0].gradient_checkpointing
+    True
+    """
+    from torch.nn.utils.stateless import _reparametrize_module  # what functional_call itself uses
+
+    injectors = [] if injector is None else injector if isinstance(injector, list) else [injector]
+
+    def context_fn() -> tuple[Any, Any]:
+        rtn_states = [(inj, inj.state) for inj in injectors]
+        backends = [backend for backend, enabled in _SDP_FLAGS if enabled()]
+        bound = _BOUND[-1] if _BOUND else None
+
+        def replay() -> contextlib.ExitStack:
+            stack = contextlib.ExitStack()
+            for inj, state in rtn_states:
+                stack.enter_context(inj.restored(state))
+            if backends:
+                stack.enter_context(sdpa_kernel(backends))
+            if bound is not None:
+                stack.enter_context(_reparametrize_module(bound[0], bound[1], tie_weights=True))
+            return stack
+
+        return contextlib.nullcontext(), _Reusable(replay)
+
+    return context_fn
+
+
+def enable_gradient_checkpointing(model: nn.Module, injector: RTNInjector | list[RTNInjector] | None) -> None:
+    """Activation checkpointing that is correct for every method (see :func:`checkpoint_context_fn`).
+
+    Call it after the RTN injector is built (the doctest of :func:`checkpoint_context_fn` shows it).
+    """
+    kwargs: dict[str, Any] = {"use_reentrant": False, "context_fn": checkpoint_context_fn(injector)}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
 
 
 def _dist_ready() -> bool:

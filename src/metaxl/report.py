@@ -70,6 +70,7 @@ _NOT_SETTING = {
     "device",
     "progress",
     "save_checkpoint",
+    "save_state",
     "eval_batch_size",
     "gradient_checkpointing",
 }

@@ -241,6 +241,22 @@ class RTNInjector(nn.Module):
     def active(self) -> bool:
         return self._active is not None
 
+    @property
+    def state(self) -> int | None:
+        """Which RTN group the hooks apply now (None: none), for :meth:`restored`."""
+        return self._active
+
+    @contextlib.contextmanager
+    def restored(self, state: int | None) -> Iterator[None]:
+        """Run the block with the hooks in ``state`` (an earlier :attr:`state`): activation
+        checkpointing replays a layer's forward in backward, outside :meth:`applied`."""
+        previous = self._active
+        self._active = state
+        try:
+            yield
+        finally:
+            self._active = previous
+
     def remove(self) -> None:
         """Detach the hooks: the model is back to the plain encoder for good."""
         for handle in self._handles:

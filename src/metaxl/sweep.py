@@ -88,7 +88,7 @@ STANDARD_AXES = ("target", "source", "method", "source_size", "rtn_layers")
 TOP_LEVEL_KEYS = ("name", "base", "grid", "exclude", "runs_dir", "ray")
 
 # Keys that never change what a run computes (excluded from dedup / config comparison).
-NON_SEMANTIC_KEYS = ("output_dir", "progress")
+NON_SEMANTIC_KEYS = ("output_dir", "progress", "save_state")
 # Keys that only matter for some methods; others get TrainConfig's defaults (see effective_config).
 SOURCE_KEYS = ("source", "source_size")
 RTN_KEYS = ("rtn_layers", "rtn_variant", "rtn_hidden", "rtn_per_source", "meta_lr")
@@ -1168,6 +1168,9 @@ def run_sweep(
         for r in runs
         if status[r.name] in ("new", "unfinished") or (retry_failed and status[r.name] == "failed")
     ]
+    # Every setting's first seed before any second seed: a sweep stopped early leaves whole tables.
+    seed_rank = {s: i for i, s in enumerate(dict.fromkeys(r.config.seed for r in runs))}
+    todo.sort(key=lambda r: seed_rank[r.config.seed])
     outcome = SweepOutcome(total=len(runs), finished_before=n_fin, runs_dir=str(rdir))
     outcome.skipped_failed = 0 if retry_failed else n_failed
     print(

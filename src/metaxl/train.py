@@ -89,9 +89,10 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     task = None if cfg.task == "auto" else cfg.task
     target = resolve_dataset(cfg.target, cfg.data_dir, task=task, sa_labels=cfg.sa_labels)
     task = target.task
-    target_train: list[Example] = subsample(target.load("train"), cfg.target_size, cfg.data_seed)
-    dev: list[Example] = subsample(target.load("dev"), cfg.dev_size, cfg.data_seed)
-    test: list[Example] = subsample(target.load("test"), cfg.test_size, cfg.data_seed)
+    data_seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+    target_train: list[Example] = subsample(target.load("train"), cfg.target_size, data_seed)
+    dev: list[Example] = subsample(target.load("dev"), cfg.dev_size, data_seed)
+    test: list[Example] = subsample(target.load("test"), cfg.test_size, data_seed)
     sources: list[list[Example]] = []
     source_names: list[str] = []
     if cfg.method != "target-only":
@@ -99,7 +100,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
             corpus = resolve_dataset(spec, cfg.data_dir, task=task, sa_labels=cfg.sa_labels)
             if corpus.task != task:
                 raise DataError(f"source {spec} is a {corpus.task} data set but target {cfg.target} is {task}")
-            sources.append(subsample(corpus.load("train"), cfg.source_size, cfg.data_seed + k))
+            sources.append(subsample(corpus.load("train"), cfg.source_size, data_seed + k))
             source_names.append(corpus.name)
     labels = reconcile_labels(task, target_train, sources)
     check_labels(dev, labels, f"{cfg.target} dev")
@@ -207,7 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         set_rank_seed,
         shard,
     )
-    from .meta import Learner
+    from .meta import Learner, enable_gradient_checkpointing
     from .models import load_model, load_tokenizer
     from .rtn import RTNInjector, encoder_parts, resolve_layers
     from .tasks import collate, encode
@@ -258,14 +259,14 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         cfg.to_yaml(out / "config.yaml")
 
     model.to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     injector = None
     if uses_rtn:
         torch.manual_seed(cfg.seed)
         injector = RTNInjector(model, cfg.rtn_layers, cfg.rtn_variant, cfg.rtn_hidden,
                                num_sources=len(src_feats), per_source=cfg.rtn_per_source,
                                detach_input=cfg.rtn_detach).to(device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, injector)
     # every rank starts from rank 0's weights (random task head, RTNs); dropout then differs per rank
     broadcast_module(model)
     if injector is not None:
@@ -414,7 +415,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             + (f"  ({skipped} tail batches smaller than {dist.world_size} skipped)" if skipped else ""))
         if dist.is_main:
             write_json(out / "results.json", results)
-        if resume and epoch < total_epochs and not backoff and dist.is_main:
+        if resume and cfg.save_state and epoch < total_epochs and not backoff and dist.is_main:
             _save_state(state_dir, model, injector, learner, gen, results)
 
     results["status"] = "finished"
