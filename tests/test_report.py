@@ -370,3 +370,24 @@ def test_module_cli(tmp_path: Path) -> None:
         timeout=120,
     )
     assert r.returncode == 2 and "runs folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rows_missing_targets_get_an_average_over_the_shared_ones(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        for t, v in (("masakhaner2:luo", 60.0), ("masakhaner2:wol", 40.0)):
+            write_run(runs, f"jt/{t}/{seed}", method="jt", target=t, source=["masakhaner2:en"], seed=seed,
+                      f1=v + seed)
+        write_run(runs, f"mx/{seed}", method="metaxl", target="masakhaner2:luo", source=["masakhaner2:en"],
+                  seed=seed, f1=70.0 + 2 * seed)
+    out = tmp_path / "report"
+    make_report(runs, out=out)
+    text = (out / "report.md").read_text()
+    assert "| setting | luo | wol | avg | avg of the 1 shared |" in text
+    # JT: avg over both targets 51.5 (seeds 1, 2: 51, 52), over the shared one (luo) 61.5 ± std(61, 62)
+    jt_line = next(line for line in text.splitlines() if line.startswith("| JT (en)"))
+    assert jt_line.endswith(f"| 51.50 ± {statistics.stdev([51, 52]):.2f} | 61.50 ± {statistics.stdev([61, 62]):.2f} |")
+    mx_line = next(line for line in text.splitlines() if line.startswith("| MetaXL (en)"))
+    assert mx_line.endswith(f"| 73.00 ± {statistics.stdev([72, 74]):.2f} † | 73.00 ± {statistics.stdev([72, 74]):.2f} |")
+    rows = list(csv.reader((out / next(p.name for p in out.glob("*.csv") if p.name.startswith("ner"))).open()))
+    assert rows[0][-3:] == ["avg shared mean", "avg shared std", "avg shared n"]

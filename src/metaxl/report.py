@@ -262,6 +262,8 @@ class Row:
     kind: str
     cells: dict[str, Cell]
     avg: Cell
+    avg_shared: Cell | None = None
+    """Mean over the targets that every row of the table has (when some row lacks one)."""
 
 
 @dataclass
@@ -278,6 +280,8 @@ class Table:
     columns: list[str]
     """Column labels (short target names)."""
     rows: list[Row]
+    shared: list[str] = field(default_factory=list)
+    """Targets present in every row, when that is fewer than all: the `avg` column over them."""
 
     @property
     def uniform_n(self) -> bool:
@@ -527,7 +531,18 @@ def build_tables(entries: list[_Entry]) -> tuple[list[Table], list[str]]:
                 avg.partial = len(present) < len(targets)
                 e0 = first[label]
                 rows.append(Row(label, e0.method, e0.kind, cells, avg))
-            tables.append(Table(title, slug, task, variant, size, targets, columns, rows))
+            shared = [t for t in targets if all(t in rows_by_label[lb] for lb in rows_by_label)]
+            if shared and len(shared) < len(targets):
+                for row in rows:
+                    per_target = rows_by_label[row.label]
+                    common = set.intersection(*(set(per_target[t]) for t in shared))
+                    row.avg_shared = cell_stats(
+                        [sum(per_target[t][s].value for t in shared) / len(shared) for s in sorted(common)]
+                    )
+                    row.avg_shared.mean = sum(row.cells[t].mean for t in shared) / len(shared)
+            else:
+                shared = []
+            tables.append(Table(title, slug, task, variant, size, targets, columns, rows, shared))
     return tables, duplicates
 
 
@@ -608,13 +623,16 @@ def table_markdown(table: Table) -> str:
     | JT (en) | 60.00 | 60.00 |
     """
     show_n = not table.uniform_n
+    extra = [f"avg of the {len(table.shared)} shared"] if table.shared else []
     lines = [
-        "| setting | " + " | ".join(table.columns) + " | avg |",
-        "|---|" + "---:|" * (len(table.columns) + 1),
+        "| setting | " + " | ".join([*table.columns, "avg", *extra]) + " |",
+        "|---|" + "---:|" * (len(table.columns) + 1 + len(extra)),
     ]
     for row in table.rows:
-        cells = [_cell_text(row.cells.get(t), show_n) for t in table.targets]
-        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {_cell_text(row.avg, show_n)} |")
+        cells = [_cell_text(row.cells.get(t), show_n) for t in table.targets] + [_cell_text(row.avg, show_n)]
+        if table.shared:
+            cells.append(_cell_text(row.avg_shared, show_n))
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -623,11 +641,11 @@ def _csv_num(x: float) -> str:
 
 
 def write_table_csv(table: Table, path: Path) -> None:
-    """CSV with columns setting, <target> mean/std/n..., avg mean/std/n."""
+    """CSV with columns setting, <target> mean/std/n..., avg mean/std/n (and avg shared mean/std/n)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         header = ["setting"]
-        for col in [*table.columns, "avg"]:
+        for col in [*table.columns, "avg", *(["avg shared"] if table.shared else [])]:
             header += [f"{col} mean", f"{col} std", f"{col} n"]
         w.writerow(header)
         for row in table.rows:
@@ -635,7 +653,8 @@ def write_table_csv(table: Table, path: Path) -> None:
             for t in table.targets:
                 c = row.cells.get(t)
                 line += [_csv_num(c.mean), _csv_num(c.std), str(c.n)] if c else ["", "", "0"]
-            line += [_csv_num(row.avg.mean), _csv_num(row.avg.std), str(row.avg.n)]
+            for a in [row.avg, *([row.avg_shared] if table.shared else [])]:
+                line += [_csv_num(a.mean), _csv_num(a.std), str(a.n)] if a else ["", "", "0"]
             w.writerow(line)
 
 
@@ -752,7 +771,8 @@ def make_report(
         "",
         f"Cells: {split} {metric} (percent), mean ± sample std (ddof=1) over seeds; a single seed shows "
         "the value alone. `avg`: mean over the row's targets (its ± is the std over seeds of the per-seed "
-        "average, for seeds run on every target); † = some targets missing from the row.",
+        "average, for seeds run on every target); † = some targets missing from the row; where a row misses "
+        "targets, `avg of the N shared` averages every row over the same N targets, the column to compare.",
         "",
     ]
     for table in tables:
