@@ -2,7 +2,8 @@
 # One-factor-at-a-time variations of the study's MetaXL run on NusaX balinese <- indonesian (binary,
 # seed 1): the settings docs/results.md reports under "What was tried". Each run changes one thing
 # from examples/sweeps/study_sa.yaml's MetaXL run; results land in runs/ablation/<name>/results.json.
-#   bash examples/ablation/sa_balinese.sh            # about 15 min per run on one CPU core
+#   bash examples/ablation/sa_balinese.sh                # ~25 min per run on one CPU core, ~2 min on a GPU
+#   REVERSE=1 bash examples/ablation/sa_balinese.sh      # a second worker, e.g. on the second core
 set -eu
 BASE="--target nusax:balinese --source nusax:indonesian --task sa --sa-labels binary --method metaxl
       --target-size 100 --source-size 200 --data-seed none --epochs 10 --batch-size 10 --lr 1e-4
@@ -10,13 +11,20 @@ BASE="--target nusax:balinese --source nusax:indonesian --task sa --sa-labels bi
       --seed 1 --no-save-checkpoint --no-progress"
 run() {  # name, flags that differ from BASE
   local name=$1; shift
-  if grep -qs '"status": "finished"' runs/ablation/$name/results.json; then echo "skip $name"; return; fi
+  if grep -qs '"status": "finished"' runs/ablation/$name/results.json; then echo "finished: $name"; return; fi
+  # a folder without a finished results.json: another worker is on it, or it was killed (delete it)
+  mkdir -p runs/ablation; mkdir runs/ablation/$name 2>/dev/null || { echo "taken: $name"; return; }
   metaxl train $BASE "$@" --output-dir runs/ablation/$name
 }
-run meta-lr-1e-3 --meta-lr 1e-3
-run meta-lr-1e-5 --meta-lr 1e-5
-run rtn-layer-0 --rtn-layers 0
-run rtn-plain --rtn-variant plain
-run meta-batch-separate --meta-batch separate
-run inner-lr-1e-3 --inner-lr 1e-3
-run rtn-layers-0-12 --rtn-layers 0,12
+RUNS=(
+  "meta-lr-1e-3 --meta-lr 1e-3"
+  "meta-lr-1e-5 --meta-lr 1e-5"
+  "rtn-layer-0 --rtn-layers 0"
+  "rtn-plain --rtn-variant plain"
+  "meta-batch-separate --meta-batch separate"
+  "inner-lr-1e-3 --inner-lr 1e-3"
+  "rtn-layers-0-12 --rtn-layers 0,12"
+)
+# REVERSE=1 walks the list from the end: two workers (one per core) share it without overlap
+if [ "${REVERSE:-0}" = 1 ]; then for ((i=${#RUNS[@]}-1; i>=0; i--)); do run ${RUNS[i]}; done
+else for r in "${RUNS[@]}"; do run $r; done; fi
