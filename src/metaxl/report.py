@@ -663,8 +663,9 @@ def plot_table(table: Table, path: Path, ylabel: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    # the average bar compares rows only over the same targets: the shared ones when a row lacks some
     cols = [*table.targets, "avg"]
-    names = [*table.columns, "avg"]
+    names = [*table.columns, f"avg ({len(table.shared)} shared)" if table.shared else "avg"]
     nrows = max(1, len(table.rows))
     fig = Figure(figsize=(max(6.0, 0.35 * len(cols) * nrows + 2), 4.2))
     FigureCanvasAgg(fig)
@@ -673,13 +674,13 @@ def plot_table(table: Table, path: Path, ylabel: str) -> None:
     for i, row in enumerate(table.rows):
         xs, ys, errs = [], [], []
         for j, col in enumerate(cols):
-            c = row.avg if col == "avg" else row.cells.get(col)
+            c = (row.avg_shared if table.shared else row.avg) if col == "avg" else row.cells.get(col)
             if c is None or math.isnan(c.mean):
                 continue
             xs.append(j - 0.4 + width * (i + 0.5))
             ys.append(c.mean)
             errs.append(0.0 if math.isnan(c.std) else c.std)
-        ax.bar(xs, ys, width=width * 0.95, yerr=errs, capsize=2, label=row.label)
+        ax.bar(xs, ys, width=width * 0.95, yerr=errs if any(errs) else None, capsize=2, label=row.label)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(names, rotation=30 if len(cols) > 8 else 0)
     ax.set_ylabel(ylabel)
