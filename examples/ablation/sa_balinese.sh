@@ -1,6 +1,8 @@
 #!/bin/bash
 # One-factor-at-a-time variations of the study's MetaXL run on NusaX balinese <- indonesian (binary,
-# seed 1): the settings docs/results.md reports under "What was tried". Each run changes one thing
+# seed 1): the settings docs/results.md reports under "What was tried" (meta lr, inner lr, RTN layer
+# and variant, meta-batch split) and the cost options of docs/performance.md (finite differences,
+# a virtual step limited to the upper layers, trained word embeddings). Each run changes one thing
 # from examples/sweeps/study_sa.yaml's MetaXL run; results land in runs/ablation/<name>/results.json.
 #   bash examples/ablation/sa_balinese.sh                # ~25 min per run on one CPU core, ~2 min on a GPU
 #   REVERSE=1 bash examples/ablation/sa_balinese.sh      # a second worker, e.g. on the second core
@@ -18,10 +20,13 @@ run() {  # name, flags that differ from BASE
 }
 RUNS=(
   "meta-lr-1e-3 --meta-lr 1e-3"
-  "meta-lr-1e-5 --meta-lr 1e-5"
-  "rtn-layer-0 --rtn-layers 0"
   "rtn-plain --rtn-variant plain"
   "meta-batch-separate --meta-batch separate"
+  "hypergrad-fd --hypergrad finite-difference"
+  "meta-lr-1e-5 --meta-lr 1e-5"
+  "no-freeze-embeddings --no-freeze-embeddings"
+  "rtn-layer-0 --rtn-layers 0"
+  "virtual-from-layer-7 --virtual-from-layer 7"
   "inner-lr-1e-3 --inner-lr 1e-3"
   "rtn-layers-0-12 --rtn-layers 0,12"
 )
