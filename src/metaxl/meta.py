@@ -416,11 +416,20 @@ class Learner:
                 theta_prime[n] = gi.mul_(-a).add_(p.detach()).requires_grad_()
             del g_sum
         else:
-            for n, p, gs in zip(names, theta, g_src, strict=True):
-                tp = p.detach().clone() if gs is None else p.detach().sub(gs.detach(), alpha=a)
-                if n in g_tgt:
-                    tp.sub_(g_tgt[n], alpha=a)
-                theta_prime[n] = tp.requires_grad_()
+            # multi-tensor kernels: a few launches instead of two per parameter tensor (GPUs are
+            # launch-bound at the paper's batch size)
+            primes: list[torch.Tensor | None] = [None] * len(theta)
+            have = [i for i, gs in enumerate(g_src) if gs is not None]
+            if have:
+                stepped = torch._foreach_add([theta[i].detach() for i in have],
+                                             [g_src[i].detach() for i in have], alpha=-a)  # type: ignore[index]
+                for i, tp in zip(have, stepped, strict=True):
+                    primes[i] = tp
+            full = [tp if tp is not None else p.detach().clone() for tp, p in zip(primes, theta, strict=True)]
+            with_tgt = [i for i, n in enumerate(names) if n in g_tgt]
+            if with_tgt:
+                torch._foreach_add_([full[i] for i in with_tgt], [g_tgt[names[i]] for i in with_tgt], alpha=-a)
+            theta_prime = {n: tp.requires_grad_() for n, tp in zip(names, full, strict=True)}
         # g' = grad L_meta(theta'); theta' is freed once g' is taken
         with self.autocast():
             meta_loss = batch_loss(self.model, meta, theta_prime)
