@@ -3,8 +3,8 @@
 # seed 1): the settings docs/results.md reports under "What was tried" (meta lr, inner lr, RTN layer
 # and variant, meta-batch split) and the cost options of docs/performance.md (finite differences,
 # a virtual step limited to the upper layers, trained word embeddings). Each run changes one thing
-# from examples/sweeps/study_sa.yaml's MetaXL run; results land in runs/ablation/<name>/results.json.
-#   bash examples/ablation/sa_balinese.sh                # ~25 min per run on one CPU core, ~2 min on a GPU
+# from examples/sweeps/study_sa.yaml's MetaXL run; results land in results/ablation/<name>/results.json.
+#   bash examples/ablation/sa_balinese.sh                # 35-50 min per run on one CPU core, ~2 min on a GPU
 #   REVERSE=1 bash examples/ablation/sa_balinese.sh      # a second worker, e.g. on the second core
 set -eu
 BASE="--target nusax:balinese --source nusax:indonesian --task sa --sa-labels binary --method metaxl
@@ -13,10 +13,10 @@ BASE="--target nusax:balinese --source nusax:indonesian --task sa --sa-labels bi
       --seed 1 --no-save-checkpoint --no-progress"
 run() {  # name, flags that differ from BASE
   local name=$1; shift
-  if grep -qs '"status": "finished"' runs/ablation/$name/results.json; then echo "finished: $name"; return; fi
+  if grep -qs '"status": "finished"' results/ablation/$name/results.json; then echo "finished: $name"; return; fi
   # a folder without a finished results.json: another worker is on it, or it was killed (delete it)
-  mkdir -p runs/ablation; mkdir runs/ablation/$name 2>/dev/null || { echo "taken: $name"; return; }
-  metaxl train $BASE "$@" --output-dir runs/ablation/$name
+  mkdir -p results/ablation; mkdir results/ablation/$name 2>/dev/null || { echo "taken: $name"; return; }
+  metaxl train $BASE "$@" --output-dir results/ablation/$name
 }
 RUNS=(
   "meta-lr-1e-3 --meta-lr 1e-3"
