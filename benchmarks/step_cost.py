@@ -151,15 +151,7 @@ class ProtoLearner(Learner):
         u_src, u_meta = compact_ids(src, pad), compact_ids(meta, pad)
 
         # (1a) target part, first order, over all of theta (kept for the theta step)
-        g_tgt_all: list[torch.Tensor | None] | None = None
-        loss_t = 0.0
-        g_tgt: dict[str, torch.Tensor] = {}
-        if tgt is not None:
-            loss_tgt = self.train_loss(None, source, tgt)
-            g_tgt_all = list(torch.autograd.grad(loss_tgt, list(self.theta.values()), allow_unused=True))
-            loss_t = float(loss_tgt.detach())
-            del loss_tgt
-            g_tgt = {n: gt for n, gt in zip(self.theta, g_tgt_all, strict=True) if gt is not None}
+        g_tgt_all, g_tgt, loss_t = self._target_gradient(source, tgt)
 
         # (1b) source part at the source batch's embedding rows; exact mode keeps its graph
         w_src = self.theta[en].index_select(0, u_src)  # differentiable rows of the leaf

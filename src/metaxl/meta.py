@@ -364,6 +364,18 @@ class Learner:
         phi_grads, meta_loss, _, _ = self._hypergradient(src, source, tgt, meta)
         return phi_grads, meta_loss
 
+    def _target_gradient(
+        self, source: int, tgt: Batch | None
+    ) -> tuple[list[torch.Tensor | None] | None, dict[str, torch.Tensor], float]:
+        """``grad_theta L_tgt(theta)``, first order, over all of theta: as a list in ``self.theta``
+        order (None without a target batch), as a dict without unused parameters, and the loss."""
+        if tgt is None:
+            return None, {}, 0.0
+        loss_tgt = self.train_loss(None, source, tgt)
+        g_all: list[torch.Tensor | None] = list(torch.autograd.grad(loss_tgt, list(self.theta.values()), allow_unused=True))
+        g = {n: gt for n, gt in zip(self.theta, g_all, strict=True) if gt is not None}
+        return g_all, g, float(loss_tgt.detach())
+
     def _hypergradient(
         self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
     ) -> tuple[list[torch.Tensor], float, list[torch.Tensor | None] | None, float]:
@@ -385,15 +397,7 @@ class Learner:
         exact = self.cfg.hypergrad == "exact"
 
         # (1a) g_tgt = grad_theta L_tgt(theta), first order, over all of theta (kept)
-        g_tgt_all: list[torch.Tensor | None] | None = None
-        loss_t = 0.0
-        g_tgt: dict[str, torch.Tensor] = {}
-        if tgt is not None:
-            loss_tgt = self.train_loss(None, source, tgt)
-            g_tgt_all = list(torch.autograd.grad(loss_tgt, list(self.theta.values()), allow_unused=True))
-            loss_t = float(loss_tgt.detach())
-            del loss_tgt
-            g_tgt = {n: gt for n, gt in zip(self.theta, g_tgt_all, strict=True) if gt is not None}
+        g_tgt_all, g_tgt, loss_t = self._target_gradient(source, tgt)
 
         # (1b) g_src = grad_theta L_src(theta, phi); a graph through it is kept in the exact mode.
         # Fused attention kernels have no double backward: the exact mode uses the math kernel.
