@@ -522,28 +522,27 @@ def build_tables(entries: list[_Entry]) -> tuple[list[Table], list[str]]:
                     t: cell_stats([x.value for _, x in sorted(per_target[t].items())]) for t in per_target
                 }
                 present = [t for t in targets if t in per_target]
-                common = set.intersection(*(set(per_target[t]) for t in present)) if present else set()
-                seed_avgs = [
-                    sum(per_target[t][s].value for t in present) / len(present) for s in sorted(common)
-                ]
-                avg = cell_stats(seed_avgs)
-                avg.mean = sum(cells[t].mean for t in present) / len(present) if present else math.nan
+                avg = _average(per_target, cells, present)
                 avg.partial = len(present) < len(targets)
                 e0 = first[label]
                 rows.append(Row(label, e0.method, e0.kind, cells, avg))
             shared = [t for t in targets if all(t in rows_by_label[lb] for lb in rows_by_label)]
             if shared and len(shared) < len(targets):
                 for row in rows:
-                    per_target = rows_by_label[row.label]
-                    common = set.intersection(*(set(per_target[t]) for t in shared))
-                    row.avg_shared = cell_stats(
-                        [sum(per_target[t][s].value for t in shared) / len(shared) for s in sorted(common)]
-                    )
-                    row.avg_shared.mean = sum(row.cells[t].mean for t in shared) / len(shared)
+                    row.avg_shared = _average(rows_by_label[row.label], row.cells, shared)
             else:
                 shared = []
             tables.append(Table(title, slug, task, variant, size, targets, columns, rows, shared))
     return tables, duplicates
+
+
+def _average(per_target: dict[str, dict[int, _Entry]], cells: dict[str, Cell], targets: list[str]) -> Cell:
+    """A row's average over ``targets``: the mean of their cell means, ± the std over seeds of the
+    per-seed average (seeds run on every one of them)."""
+    common = set.intersection(*(set(per_target[t]) for t in targets)) if targets else set()
+    avg = cell_stats([sum(per_target[t][s].value for t in targets) / len(targets) for s in sorted(common)])
+    avg.mean = sum(cells[t].mean for t in targets) / len(targets) if targets else math.nan
+    return avg
 
 
 def paired_comparisons(entries: list[_Entry], tables: list[Table]) -> list[Comparison]:
