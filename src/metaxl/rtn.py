@@ -230,12 +230,8 @@ class RTNInjector(nn.Module):
     @contextlib.contextmanager
     def applied(self, source: int = 0) -> Iterator[None]:
         """Apply the RTNs (of source ``source`` when per-source) to forwards inside the block."""
-        previous = self._active
-        self._active = source if self.num_groups > 1 else 0
-        try:
+        with self.restored(source if self.num_groups > 1 else 0):
             yield
-        finally:
-            self._active = previous
 
     @property
     def active(self) -> bool:
