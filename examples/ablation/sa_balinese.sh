@@ -21,14 +21,14 @@ run() {  # name, flags that differ from BASE
 RUNS=(
   "meta-lr-1e-3 --meta-lr 1e-3"
   "rtn-plain --rtn-variant plain"
-  "meta-batch-separate --meta-batch separate"
-  "hypergrad-fd --hypergrad finite-difference"
-  "meta-lr-1e-5 --meta-lr 1e-5"
-  "no-freeze-embeddings --no-freeze-embeddings"
-  "rtn-layer-0 --rtn-layers 0"
-  "virtual-from-layer-7 --virtual-from-layer 7"
   "inner-lr-1e-3 --inner-lr 1e-3"
   "rtn-layers-0-12 --rtn-layers 0,12"
+  "hypergrad-fd --hypergrad finite-difference"
+  "meta-batch-separate --meta-batch separate"
+  "no-freeze-embeddings --no-freeze-embeddings"
+  "meta-lr-1e-5 --meta-lr 1e-5"
+  "rtn-layer-0 --rtn-layers 0"
+  "virtual-from-layer-7 --virtual-from-layer 7"
 )
 # REVERSE=1 walks the list from the end: two workers (one per core) share it without overlap
 if [ "${REVERSE:-0}" = 1 ]; then for ((i=${#RUNS[@]}-1; i>=0; i--)); do run ${RUNS[i]}; done
