@@ -18,11 +18,12 @@ are reported too.
 
 Method names: a base (``jt``, ``jt-rtn``, ``metaxl``, ``target-only``) and optional suffixes:
 ``-fd`` (finite-difference hypergradient), ``-frozen-emb`` (freeze_embeddings), ``-upper<K>``
-(virtual step on the top K layers and the head only: virtual_from_layer = N-K+1), ``-proto``
-(the prototype :class:`ProtoLearner`; alone it is now :class:`Learner`, since its change A moved
-into meta.py), ``-sparse-emb`` (the prototype's row-sparse virtual step of the word embeddings,
-change B in docs/performance.md), ``-fused``
-(theta's AdamW with ``fused=True``).
+(virtual step on the top K layers and the head only: virtual_from_layer = N-K+1), ``-dense-emb``
+(the word embeddings' virtual step taken densely: ``Learner.row_sparse_embeddings = False``, i.e.
+without change B of docs/performance.md), ``-fused`` (theta's AdamW with ``fused=True``).
+``-proto`` and ``-sparse-emb`` are accepted and change nothing: they named the prototypes of
+changes A and B, both now :class:`metaxl.meta.Learner`'s own code (the commands of
+docs/performance.md that were measured before still run).
 
     python benchmarks/step_cost.py --model default --task ner --batch-size 10 --seq-len 64 \\
         --methods jt,jt-rtn,metaxl,metaxl-fd --json step_cost.json
@@ -49,9 +50,10 @@ from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaxl.config import TrainConfig
-from metaxl.meta import Batch, Learner, _dist_ready, batch_loss, enable_gradient_checkpointing, split_batch
+from metaxl.meta import Batch, Learner, batch_loss, enable_gradient_checkpointing, split_batch
 from metaxl.rtn import RTNInjector
 
 BASES = ("jt-rtn", "jt", "metaxl", "target-only")  # jt-rtn before jt: prefix match
@@ -71,8 +73,7 @@ class Variant:
     fd: bool = False
     frozen_emb: bool = False
     upper: int | None = None
-    proto: bool = False
-    sparse_emb: bool = False
+    dense_emb: bool = False
     fused: bool = False
 
     @property
@@ -100,138 +101,22 @@ def parse_variant(name: str) -> Variant:
             v.fd, rest = True, rest[3:]
         elif rest.startswith("-frozen-emb"):
             v.frozen_emb, rest = True, rest[len("-frozen-emb") :]
-        elif rest.startswith("-proto"):
-            v.proto, rest = True, rest[len("-proto") :]
+        elif rest.startswith("-proto"):  # change A, now Learner's own code
+            rest = rest[len("-proto") :]
         elif rest.startswith("-fused"):
             v.fused, rest = True, rest[len("-fused") :]
-        elif rest.startswith("-sparse-emb"):
-            v.proto = v.sparse_emb = True
+        elif rest.startswith("-sparse-emb"):  # change B, now Learner's own code
             rest = rest[len("-sparse-emb") :]
+        elif rest.startswith("-dense-emb"):
+            v.dense_emb, rest = True, rest[len("-dense-emb") :]
         elif m := re.match(r"-upper(\d+)", rest):
             v.upper, rest = int(m.group(1)), rest[m.end() :]
         else:
             raise SystemExit(f"method {name!r}: unknown suffix {rest!r} "
-                             "(use -fd, -frozen-emb, -upper<K>, -proto, -sparse-emb, -fused)")
-    if (v.fd or v.upper is not None or v.proto) and v.base != "metaxl":
-        raise SystemExit(f"method {name!r}: -fd, -upper<K>, -proto and -sparse-emb only apply to metaxl")
+                             "(use -fd, -frozen-emb, -upper<K>, -dense-emb, -fused)")
+    if (v.fd or v.upper is not None or v.dense_emb) and v.base != "metaxl":
+        raise SystemExit(f"method {name!r}: -fd, -upper<K> and -dense-emb only apply to metaxl")
     return v
-
-
-# ---------------------------------------------------------------------------- the prototype
-class ProtoLearner(Learner):
-    """Prototype of change B proposed in docs/performance.md, on top of :class:`Learner`.
-
-    Change A (target gradient taken once, first order, over all of theta and reused for the theta
-    step; second order through the source loss only; source-only finite differences) is now
-    :class:`Learner`'s own code path, so ``-proto`` alone is :class:`Learner`. With
-    ``sparse_emb`` (``-sparse-emb``), the word-embedding matrix takes the virtual step on the
-    rows the batches use only: the source loss reads ``W[U_src]`` (ids remapped), theta' and g'
-    hold ``W[U_meta]`` rows, the finite differences shift ``W[U_src]``; no dense vocab x d tensor
-    in the hypergradient besides the target gradient kept for the theta step.
-
-    Single process, no GradScaler (otherwise it is :class:`Learner`).
-    """
-
-    sparse_emb: bool = False
-
-    def _embedding_name(self) -> str | None:
-        weight = self.model.get_input_embeddings().weight
-        return next((n for n in self.virtual_names if self.theta[n] is weight), None)
-
-    def _hypergradient(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
-                       ) -> tuple[list[torch.Tensor], float, list[torch.Tensor | None] | None, float]:
-        en = self._embedding_name() if self.sparse_emb else None
-        if en is None or self.scaler is not None or _dist_ready() or src is None:
-            return super()._hypergradient(src, source, tgt, meta)
-        names = self.virtual_names
-        theta = [self.theta[n] for n in names]
-        a = self.inner_lr()
-        exact = self.cfg.hypergrad == "exact"
-        pad = self.model.get_input_embeddings().padding_idx
-        u_src, u_meta = compact_ids(src, pad), compact_ids(meta, pad)
-
-        # (1a) target part, first order, over all of theta (kept for the theta step)
-        g_tgt_all, g_tgt, loss_t = self._target_gradient(source, tgt)
-
-        # (1b) source part at the source batch's embedding rows; exact mode keeps its graph
-        w_src = self.theta[en].index_select(0, u_src)  # differentiable rows of the leaf
-        sub: dict[str, torch.Tensor] | None = {en: w_src}
-        inputs = [w_src if n == en else p for n, p in zip(names, theta, strict=True)]
-        src_in = remap_ids(src, u_src)
-        with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
-            loss_s = self.train_loss(src_in, source, None, params=sub)
-        g_src = list(torch.autograd.grad(loss_s, inputs, create_graph=exact, allow_unused=True))
-        del loss_s, sub
-        i = names.index(en)  # the embedding's source gradient on the meta batch's rows
-        g_src[i] = None if g_src[i] is None else gather_rows(g_src[i], u_src, u_meta)
-
-        # (2) theta' = theta - a (g_src + g_tgt), the embedding on the meta batch's rows
-        theta_prime = {}
-        for n, p, gs in zip(names, theta, g_src, strict=True):
-            base = p.detach() if n != en else p.detach().index_select(0, u_meta)
-            tp = base.clone() if gs is None else base.sub(gs.detach(), alpha=a)
-            if n in g_tgt:
-                tp.sub_(g_tgt[n] if n != en else g_tgt[n].index_select(0, u_meta), alpha=a)
-            theta_prime[n] = tp.requires_grad_()
-        with self.autocast():
-            meta_loss = batch_loss(self.model, remap_ids(meta, u_meta), theta_prime)
-        raw = torch.autograd.grad(meta_loss, list(theta_prime.values()), allow_unused=True)
-        g_meta = [torch.zeros_like(tp) if gm is None else gm.detach()
-                  for tp, gm in zip(theta_prime.values(), raw, strict=True)]
-        meta_value = float(meta_loss.detach())
-        del theta_prime, raw, meta_loss
-
-        # (3) d L_meta / d phi = -a d/dphi <g_src(phi), g'>
-        if exact:
-            terms = [(gs * gm).sum() for gs, gm in zip(g_src, g_meta, strict=True) if gs is not None]
-            grads = torch.autograd.grad(torch.stack(terms).sum(), self.phi, allow_unused=True)
-            phi_grads = [torch.zeros_like(p) if d is None else -a * d for p, d in zip(self.phi, grads, strict=True)]
-        else:
-            del g_src
-            norm = torch.stack([(gm.float() ** 2).sum() for gm in g_meta]).sum().sqrt()
-            eps = self.cfg.fd_epsilon / max(float(norm), 1e-12)
-            # shift the source batch's rows: g' there (0 off the meta rows)
-            g_meta[i] = gather_rows(g_meta[i], u_meta, u_src)
-            bases = [p.detach() if n != en else p.detach().index_select(0, u_src)
-                     for n, p in zip(names, theta, strict=True)]
-
-            def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
-                shifted = {n: torch.add(b, gm, alpha=sign * eps) for n, b, gm in zip(names, bases, g_meta, strict=True)}
-                loss_sh = self.train_loss(src_in, source, None, params=shifted)
-                return torch.autograd.grad(loss_sh, self.phi, allow_unused=True)
-
-            phi_grads = self._central_difference(phi_grad_at, a, eps)
-        return phi_grads, meta_value, g_tgt_all, loss_t
-
-
-def compact_ids(batch: Batch, padding_idx: int | None) -> torch.Tensor:
-    """Sorted ids a batch uses, plus ``0..padding_idx`` so that the padding row keeps its index
-    (``nn.Embedding`` zeroes that row's gradient; XLM-R derives positions from it).
-
-    >>> compact_ids({"input_ids": torch.tensor([[7, 3, 7]])}, 1).tolist()
-    [0, 1, 3, 7]
-    """
-    ids = batch["input_ids"].reshape(-1)
-    if padding_idx is not None:
-        ids = torch.cat([torch.arange(padding_idx + 1, device=ids.device), ids])
-    return torch.unique(ids)
-
-
-def remap_ids(batch: Batch, used: torch.Tensor) -> Batch:
-    """The batch with ``input_ids`` replaced by their positions in ``used``."""
-    return {**batch, "input_ids": torch.searchsorted(used, batch["input_ids"])}
-
-
-def gather_rows(values: torch.Tensor, rows_from: torch.Tensor, rows_to: torch.Tensor) -> torch.Tensor:
-    """``values`` holds the rows ``rows_from`` of a matrix (sorted ids): its rows ``rows_to``, zero
-    where absent; differentiable.
-
-    >>> gather_rows(torch.tensor([[1.0], [2.0]]), torch.tensor([3, 5]), torch.tensor([1, 5])).tolist()
-    [[0.0], [2.0]]
-    """
-    pos = torch.searchsorted(rows_from, rows_to).clamp(max=rows_from.numel() - 1)
-    hit = (rows_from[pos] == rows_to).unsqueeze(1).to(values.dtype)
-    return values.index_select(0, pos) * hit
 
 
 # ---------------------------------------------------------------------------- memory
@@ -474,10 +359,8 @@ def make_runner(v: Variant, model: Any, args: argparse.Namespace, device: torch.
             phi_lr = cfg.lr if v.base == "jt-rtn" else cfg.meta_lr
             opt_phi = torch.optim.AdamW(injector.parameters(), lr=phi_lr, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
-        cls = ProtoLearner if v.proto else Learner
-        learner = cls(model, injector, cfg, opt_theta, _ConstSched(), opt_phi, _ConstSched(), autocast, scaler)
-        if isinstance(learner, ProtoLearner):
-            learner.sparse_emb = v.sparse_emb
+        learner = Learner(model, injector, cfg, opt_theta, _ConstSched(), opt_phi, _ConstSched(), autocast, scaler)
+        learner.row_sparse_embeddings = not v.dense_emb
     finally:
         emb.requires_grad_(before)
     return Runner(v, learner, emb, injector)
@@ -589,6 +472,46 @@ def profile_step(r: Runner, src: Batch, tgt: Batch, device: torch.device, rows: 
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while active, forward and backward (the autograd
+    engine runs under the mode too). View and metadata operators launch no kernel and are counted
+    apart, so ``ops`` approximates the kernel launches of a step on a GPU, where the paper's batch
+    sizes make a step cost about its number of launches (docs/performance.md): a device-free
+    predictor of the GPU time ratio.
+
+    >>> x = torch.ones(3, requires_grad=True)
+    >>> with OpCounter() as c:
+    ...     (x * 2).sum().backward()
+    >>> c.ops >= 3, c.views >= 0
+    (True, True)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.views = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.is_view or func.overloadpacket in _NO_KERNEL:
+            self.views += 1
+        else:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+_NO_KERNEL = {torch.ops.aten.detach, torch.ops.aten.t, torch.ops.aten.view, torch.ops.aten._unsafe_view,
+              torch.ops.aten.expand, torch.ops.aten.alias, torch.ops.aten.lift_fresh, torch.ops.aten.empty,
+              torch.ops.aten.empty_like, torch.ops.aten.empty_strided, torch.ops.aten.as_strided,
+              torch.ops.aten._local_scalar_dense, torch.ops.aten.is_same_size}
+
+
+def count_ops(r: Runner, src: Batch, tgt: Batch) -> tuple[int, int]:
+    """(kernel-launching ops, view/metadata ops) of one step of ``r``'s method."""
+    with r.active(), OpCounter() as counter:
+        r.learner.step(src, 0, tgt)
+    return counter.ops, counter.views
+
+
 # ---------------------------------------------------------------------------- machine
 def machine_info(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
@@ -625,7 +548,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="measured rounds (one step of every method each)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list; base jt|jt-rtn|metaxl|target-only + -fd, -frozen-emb, -upper<K>, -proto")
+                   help="comma list; base jt|jt-rtn|metaxl|target-only + -fd, -frozen-emb, -upper<K>, -dense-emb, -fused")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -641,6 +564,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="theta's AdamW kernel (default: as train.py, torch's choice)")
     p.add_argument("--phases", action="store_true", help="also time the phases of one jt and metaxl step")
     p.add_argument("--phase-steps", type=int, default=2, help="steps per method for --phases (median)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count the aten ops of one step per method (kernel launches on a GPU)")
     p.add_argument("--profile", default=None, help="comma list of methods to run one torch.profiler step of")
     p.add_argument("--profile-rows", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
@@ -749,7 +674,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in runners:
         row: dict[str, Any] = {"base": r.variant.base, "hypergrad": r.variant.hypergrad if r.variant.base == "metaxl"
                                else None, "frozen_embeddings": r.variant.frozen_emb,
-                               "virtual_from_layer": r.learner.cfg.virtual_from_layer, "prototype": r.variant.proto,
+                               "virtual_from_layer": r.learner.cfg.virtual_from_layer, "dense_embedding_step": r.variant.dense_emb,
                                "error": r.error}
         if r.times:
             state = r.state_bytes() + tensor_bytes(r.learner.phi)
@@ -784,7 +709,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.phases:
         results["phases"] = {}
         for r in runners:
-            if r.variant.base not in ("jt", "metaxl") or r.variant.proto or r.error:
+            if r.variant.base not in ("jt", "metaxl") or r.variant.dense_emb or r.error:
                 continue
             log(f"phases: {r.variant.name} ...")
             runs = []
@@ -798,6 +723,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "peak_mb": max(run[i][2] for run in runs) / MB, "held_mb": runs[-1][i][3] / MB}
                 for i in range(len(runs[0]))
             ]
+    if args.count_ops:
+        log("counting the ops of one step per method ...")
+        src = random_batch(args.batch_size, args.seq_len, vocab, args.task, num_labels, gen, device)
+        tgt = random_batch(args.batch_size, args.seq_len, vocab, args.task, num_labels, gen, device)
+        for r in runners:
+            if not r.error:
+                ops, views = count_ops(r, src, tgt)
+                results["methods"][r.variant.name].update(ops=ops, view_ops=views)
+        jt_ops = results["methods"]["jt"].get("ops")
+        for row in results["methods"].values():
+            if jt_ops and "ops" in row:
+                row["ops_ratio"] = row["ops"] / jt_ops
     if args.profile:
         results["profile"] = {}
         for name in [m.strip() for m in args.profile.split(",") if m.strip()]:
@@ -859,6 +796,13 @@ def report(res: dict[str, Any]) -> str:
             + ("" if t.get("time_ratio_paired") is None else f" (paired {t['time_ratio_paired']:.2f}x)")
             + f";  memory {t['mem_ratio']:.2f}x <= {t['mem_target']}x "
             f"{'PASS' if t['mem_pass'] else 'MISS'}")
+    counted = [(name, r) for name, r in res["methods"].items() if "ops" in r]
+    if counted:
+        lines.append("")
+        lines.append("ops of one step (aten operators that launch a kernel; views and metadata apart):")
+        lines.append(fmt_table(["method", "ops", "x JT", "views"], [
+            [name, str(r["ops"]), f"{r.get('ops_ratio', float('nan')):.2f}", str(r["view_ops"])]
+            for name, r in counted]))
     for name, phases in res.get("phases", {}).items():
         total = sum(p["median_s"] for p in phases)
         lines.append("")

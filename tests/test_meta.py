@@ -195,3 +195,60 @@ def test_gradient_checkpointing_gives_the_same_hypergradient(hypergrad, layers):
     for a, b in zip(plain, ckpt, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert any(float(g.abs().max()) > 0 for g in plain)
+
+
+@pytest.mark.parametrize("variant,layers,task,hypergrad,vfl", [
+    ("plain", (0, 2), "ner", "exact", 0),
+    ("gated", (2,), "sa", "exact", 0),
+    ("plain", (0, 2), "ner", "finite-difference", 0),
+    ("gated", (2,), "sa", "finite-difference", 0),
+])
+def test_row_sparse_embedding_step_equals_the_dense_one(variant, layers, task, hypergrad, vfl):
+    """The word embeddings' virtual step on the batches' rows only is exact: same hypergradient,
+    meta loss and parameters after a full step as the dense virtual step."""
+    import copy
+
+    model, inj, sparse, src, tgt, meta = _setup(variant, layers, task, hypergrad, vfl)
+    for b in (src, tgt, meta):  # padding id 0 (the embedding's padding_idx) in every batch
+        b["input_ids"][0, -2:] = 0
+    meta["input_ids"][1, :3] = src["input_ids"][1, :3]  # shared rows
+    model2 = copy.deepcopy(model)
+    inj2 = RTNInjector(model2, list(layers), variant=variant, hidden=2, detach_input=True).double()
+    inj2.load_state_dict(inj.state_dict())
+    dense = Learner(model2, inj2, sparse.cfg, torch.optim.SGD(model2.parameters(), lr=0.1), _ConstSched(),
+                    torch.optim.SGD(inj2.parameters(), lr=0.1), _ConstSched(), contextlib.nullcontext)
+    dense.row_sparse_embeddings = False
+    rows = sparse.embedding_rows(src, meta)
+    assert rows is not None and rows.name == "bert.embeddings.word_embeddings.weight"
+    assert rows.src[0] == 0 and len(rows.src) < model.config.vocab_size / 2  # the sparse path is taken
+    assert dense.embedding_rows(src, meta) is None
+
+    g_dense, ml_dense = dense.hypergradient(src, 0, tgt, meta)
+    g_sparse, ml_sparse = sparse.hypergradient(src, 0, tgt, meta)
+    assert ml_sparse == pytest.approx(ml_dense, rel=1e-12)
+    assert any(float(g.abs().max()) > 0 for g in g_dense)
+    for a, b in zip(g_dense, g_sparse, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6 if hypergrad == "finite-difference" else 1e-9, atol=1e-12)
+    s_dense = dense.metaxl_step(src, 0, tgt, meta)
+    s_sparse = sparse.metaxl_step(src, 0, tgt, meta)
+    assert s_sparse.loss == pytest.approx(s_dense.loss, rel=1e-10)
+    for (n, a), b in zip(model2.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10, msg=n)
+
+
+def test_row_sparse_embedding_step_falls_back_where_it_must():
+    """Frozen embeddings, a virtual step above them, or weights tied to an output layer: dense."""
+    from transformers import BertForMaskedLM
+
+    _, _, learner, src, _, meta = _setup(virtual_from_layer=1)
+    assert learner.embedding_rows(src, meta) is None  # embeddings are below the virtual step
+    _, _, learner, src, _, meta = _setup()
+    learner.model.get_input_embeddings().weight.requires_grad_(False)
+    learner.__init__(learner.model, learner.injector, learner.cfg, learner.opt_theta, learner.sched_theta,
+                     learner.opt_phi, learner.sched_phi)
+    assert learner.embedding_rows(src, meta) is None  # frozen
+    tied = BertForMaskedLM(tiny_bert_config()).double()
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    learner = Learner(tied, None, TrainConfig(method="metaxl"), torch.optim.SGD(tied.parameters(), lr=0.1),
+                      _ConstSched())
+    assert learner.embedding_rows(src, meta) is None

@@ -23,6 +23,13 @@ phi), whose gradient accumulates into the kept ``g_tgt`` before averaging, clipp
 With a GradScaler (fp16) the joint computation through ``L_train`` is kept
 (:meth:`Learner._hypergradient_joint`). Same maths either way, up to rounding and dropout masks.
 
+The word-embedding matrix (vocab x d, most of a multilingual encoder's weights) takes the virtual
+step on the rows the batches use only (:class:`EmbeddingRows`): the meta loss reads the meta
+batch's rows of theta', and ``g_src`` is zero off the source batch's rows, so no other row enters
+the hypergradient. Exact, not an approximation; the dense path is kept for torch.distributed
+(ranks' batches use different rows), tied input/output embeddings and
+``Learner.row_sparse_embeddings = False``.
+
 Under ``torch.distributed`` every gradient is averaged across processes so that one step equals
 the single-process step on the global batch.
 
@@ -34,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +213,84 @@ def allreduce_mean(tensors: list[torch.Tensor], bucket_numel: int = 2**25) -> No
                 offset += t.numel()
 
 
+def compact_ids(batch: Batch, padding_idx: int | None) -> torch.Tensor:
+    """Sorted token ids a batch uses, plus ``0..padding_idx`` so that the padding row keeps its
+    index (``nn.Embedding`` zeroes that row's gradient; XLM-R derives positions from it).
+
+    >>> compact_ids({"input_ids": torch.tensor([[7, 3, 7]])}, 1).tolist()
+    [0, 1, 3, 7]
+    """
+    ids = batch["input_ids"].reshape(-1)
+    if padding_idx is not None:
+        ids = torch.cat([torch.arange(padding_idx + 1, device=ids.device, dtype=ids.dtype), ids])
+    return torch.unique(ids)
+
+
+def remap_ids(batch: Batch, used: torch.Tensor) -> Batch:
+    """The batch with ``input_ids`` replaced by their positions in ``used`` (sorted ids).
+
+    >>> remap_ids({"input_ids": torch.tensor([[7, 3, 0]])}, torch.tensor([0, 1, 3, 7]))["input_ids"].tolist()
+    [[3, 2, 0]]
+    """
+    return {**batch, "input_ids": torch.searchsorted(used, batch["input_ids"])}
+
+
+def gather_rows(values: torch.Tensor, rows_from: torch.Tensor, rows_to: torch.Tensor) -> torch.Tensor:
+    """``values`` holds the rows ``rows_from`` (sorted ids) of a matrix: its rows ``rows_to``,
+    zero where absent; differentiable.
+
+    >>> gather_rows(torch.tensor([[1.0], [2.0]]), torch.tensor([3, 5]), torch.tensor([1, 5])).tolist()
+    [[0.0], [2.0]]
+    """
+    pos = torch.searchsorted(rows_from, rows_to).clamp(max=rows_from.numel() - 1)
+    hit = (rows_from[pos] == rows_to).unsqueeze(1).to(values.dtype)
+    return values.index_select(0, pos) * hit
+
+
+def mixed_term(grads: Sequence[torch.Tensor | None], cotangents: Sequence[torch.Tensor], phi: Sequence[torch.Tensor]
+               ) -> tuple[torch.Tensor | None, ...]:
+    """``d/dphi <grads(phi), cotangents>`` with the cotangents held constant: one
+    vector-Jacobian product through the graph of ``grads`` (taken with ``create_graph``), with
+    no element-wise products, sums or their backward (about 4 kernels per parameter tensor less
+    than differentiating ``sum((g * c).sum())``). None where phi is unused.
+
+    >>> phi = torch.tensor([2.0], requires_grad=True)
+    >>> g = [phi ** 2, None]               # d/dphi <(phi^2, -), (3, 5)> = 2 * phi * 3
+    >>> mixed_term(g, [torch.tensor([3.0]), torch.tensor([5.0])], [phi])[0].tolist()
+    [12.0]
+    """
+    pairs = [(g, c) for g, c in zip(grads, cotangents, strict=True) if g is not None and g.requires_grad]
+    if not pairs:
+        return (None,) * len(phi)
+    return torch.autograd.grad([g for g, _ in pairs], phi, grad_outputs=[c for _, c in pairs], allow_unused=True)
+
+
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    """The 2-norm of a list of tensors taken as one vector (multi-tensor kernels, float32 result).
+
+    >>> global_norm([torch.tensor([3.0]), torch.tensor([[4.0]])])
+    5.0
+    """
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float()))
+
+
+@dataclass
+class EmbeddingRows:
+    """The word-embedding rows one MetaXL step needs: ``src`` (the source batch's token ids) and
+    ``meta`` (the meta batch's), sorted, each with ``0..padding_idx``; ``index`` is the embedding's
+    position in :attr:`Learner.virtual_names`.
+
+    The source loss runs on ``W[src]`` with ids remapped (:func:`remap_ids`), so ``g_src`` of the
+    embedding is ``len(src) x d``; theta' and ``g'`` hold ``W[meta]`` rows; finite differences shift
+    ``W[src]``. :func:`gather_rows` moves a gradient from one row set to the other.
+    """
+
+    name: str
+    index: int
+    src: torch.Tensor
+    meta: torch.Tensor
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -224,7 +309,13 @@ class Learner:
         opt_phi, sched_phi: those of the RTN parameters (None without RTN).
         autocast: a context-manager factory for mixed precision (``contextlib.nullcontext`` in fp32).
         scaler: a ``torch.amp.GradScaler`` for fp16, else None.
+
+    ``row_sparse_embeddings`` (class attribute, True): the word embeddings' virtual step on the
+    batches' rows only (:class:`EmbeddingRows`); False takes it densely (same values; the
+    benchmark's ``-dense-emb``).
     """
+
+    row_sparse_embeddings: bool = True
 
     def __init__(
         self,
@@ -376,6 +467,24 @@ class Learner:
         g = {n: gt for n, gt in zip(self.theta, g_all, strict=True) if gt is not None}
         return g_all, g, float(loss_tgt.detach())
 
+    def embedding_rows(self, src: Batch, meta: Batch) -> EmbeddingRows | None:
+        """The rows the word embeddings' virtual step needs (:class:`EmbeddingRows`), or None
+        where the dense step is taken: embeddings frozen or below ``virtual_from_layer``, weights
+        tied to an output layer, torch.distributed, ``row_sparse_embeddings = False``."""
+        if not self.row_sparse_embeddings or _dist_ready() or "input_ids" not in src or "input_ids" not in meta:
+            return None
+        emb = self.model.get_input_embeddings()  # type: ignore[operator]
+        out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None  # type: ignore[operator]
+        if not isinstance(emb, nn.Embedding) or (out is not None and getattr(out, "weight", None) is emb.weight):
+            return None
+        name = next((n for n in self.virtual_names if self.theta[n] is emb.weight), None)
+        if name is None:
+            return None
+        pad = emb.padding_idx
+        if pad is None:
+            pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        return EmbeddingRows(name, self.virtual_names.index(name), compact_ids(src, pad), compact_ids(meta, pad))
+
     def _hypergradient(
         self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
     ) -> tuple[list[torch.Tensor], float, list[torch.Tensor | None] | None, float]:
@@ -385,8 +494,9 @@ class Learner:
         ``L_tgt`` does not depend on phi: its gradient is taken once, first order, over all of
         theta and kept for the theta step; only ``L_src`` is differentiated with ``create_graph``
         (the phi-derivative of ``<g_tgt, g'>`` is 0) and the finite-difference shifted losses are
-        source-only. With a GradScaler (fp16) or without a source batch, the joint computation
-        :meth:`_hypergradient_joint` is used instead.
+        source-only. The word embeddings take the virtual step on the batches' rows
+        (:meth:`embedding_rows`). With a GradScaler (fp16) or without a source batch, the joint
+        computation :meth:`_hypergradient_joint` is used instead.
         """
         if self.scaler is not None or src is None:
             phi_grads, meta_value = self._hypergradient_joint(src, source, tgt, meta)
@@ -395,72 +505,84 @@ class Learner:
         theta = [self.theta[n] for n in names]
         a = self.inner_lr()
         exact = self.cfg.hypergrad == "exact"
+        rows = self.embedding_rows(src, meta)
 
         # (1a) g_tgt = grad_theta L_tgt(theta), first order, over all of theta (kept)
         g_tgt_all, g_tgt, loss_t = self._target_gradient(source, tgt)
 
         # (1b) g_src = grad_theta L_src(theta, phi); a graph through it is kept in the exact mode.
         # Fused attention kernels have no double backward: the exact mode uses the math kernel.
+        # With embedding rows, the source loss reads W[rows.src] (a differentiable slice of W).
+        inputs: list[torch.Tensor] = list(theta)
+        src_sub: dict[str, torch.Tensor] | None = None
+        src_in = src
+        if rows is not None:
+            w_src = theta[rows.index].index_select(0, rows.src)
+            inputs = [w_src if i == rows.index else p for i, p in enumerate(theta)]
+            src_sub, src_in = {rows.name: w_src}, remap_ids(src, rows.src)
         with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
-            loss_s = self.train_loss(src, source, None)
-        g_src = list(torch.autograd.grad(loss_s, theta, create_graph=exact, allow_unused=True))
-        del loss_s
+            loss_s = self.train_loss(src_in, source, None, params=src_sub)
+        g_src = list(torch.autograd.grad(loss_s, inputs, create_graph=exact, allow_unused=True))
+        del loss_s, src_sub, inputs
+        if rows is not None and g_src[rows.index] is not None:  # the source gradient at the meta rows
+            g_src[rows.index] = gather_rows(g_src[rows.index], rows.src, rows.meta)  # type: ignore[arg-type]
 
-        # (2) virtual step theta' = theta - a (g_src + g_tgt), g averaged across processes
-        theta_prime: dict[str, torch.Tensor] = {}
+        # (2) virtual step theta' = theta - a (g_src + g_tgt), g averaged across processes;
+        # the embedding's theta' holds the meta batch's rows only
+        base = [p.detach() for p in theta]
+        step_tgt = [g_tgt.get(n) for n in names]
+        if rows is not None:
+            base[rows.index] = base[rows.index].index_select(0, rows.meta)
+            gt = step_tgt[rows.index]
+            step_tgt[rows.index] = None if gt is None else gt.index_select(0, rows.meta)
         if _dist_ready():
             g_sum = []
-            for n, p, gs in zip(names, theta, g_src, strict=True):
-                gi = torch.zeros_like(p) if gs is None else gs.detach().clone()
-                if n in g_tgt:
-                    gi.add_(g_tgt[n])
+            for b, gs, gt in zip(base, g_src, step_tgt, strict=True):
+                gi = torch.zeros_like(b) if gs is None else gs.detach().clone()
+                if gt is not None:
+                    gi.add_(gt)
                 g_sum.append(gi)
             allreduce_mean(g_sum)
-            for n, p, gi in zip(names, theta, g_sum, strict=True):
-                theta_prime[n] = gi.mul_(-a).add_(p.detach()).requires_grad_()
+            primes = [gi.mul_(-a).add_(b) for b, gi in zip(base, g_sum, strict=True)]
             del g_sum
         else:
             # multi-tensor kernels: a few launches instead of two per parameter tensor (GPUs are
             # launch-bound at the paper's batch size)
-            primes: list[torch.Tensor | None] = [None] * len(theta)
             have = [i for i, gs in enumerate(g_src) if gs is not None]
-            if have:
-                stepped = torch._foreach_add([theta[i].detach() for i in have],
-                                             [g_src[i].detach() for i in have], alpha=-a)  # type: ignore[index]
-                for i, tp in zip(have, stepped, strict=True):
-                    primes[i] = tp
-            full = [tp if tp is not None else p.detach().clone() for tp, p in zip(primes, theta, strict=True)]
-            with_tgt = [i for i, n in enumerate(names) if n in g_tgt]
+            stepped = dict(zip(have, torch._foreach_add([base[i] for i in have], [g_src[i].detach() for i in have],  # type: ignore[union-attr]
+                                                        alpha=-a) if have else [], strict=True))
+            primes = [stepped[i] if i in stepped else b.clone() for i, b in enumerate(base)]
+            with_tgt = [i for i, gt in enumerate(step_tgt) if gt is not None]
             if with_tgt:
-                torch._foreach_add_([full[i] for i in with_tgt], [g_tgt[names[i]] for i in with_tgt], alpha=-a)
-            theta_prime = {n: tp.requires_grad_() for n, tp in zip(names, full, strict=True)}
+                torch._foreach_add_([primes[i] for i in with_tgt], [step_tgt[i] for i in with_tgt], alpha=-a)  # type: ignore[misc]
+        del base, step_tgt
+        theta_prime = {n: tp.requires_grad_() for n, tp in zip(names, primes, strict=True)}
+        del primes
         # g' = grad L_meta(theta'); theta' is freed once g' is taken
         with self.autocast():
-            meta_loss = batch_loss(self.model, meta, theta_prime)
+            meta_loss = batch_loss(self.model, meta if rows is None else remap_ids(meta, rows.meta), theta_prime)
         raw = torch.autograd.grad(meta_loss, list(theta_prime.values()), allow_unused=True)
-        g_meta = [torch.zeros_like(p) if gm is None else gm.detach() for p, gm in zip(theta, raw, strict=True)]
+        g_meta = [torch.zeros_like(tp) if gm is None else gm.detach() for tp, gm in zip(theta_prime.values(), raw, strict=True)]
         meta_value = float(meta_loss.detach())
         del theta_prime, raw, meta_loss
         allreduce_mean(g_meta)
 
         # (3) d L_meta / d phi = -a * d/dphi <g_src(phi), g'>
         if exact:
-            terms = [(gs * gm).sum() for gs, gm in zip(g_src, g_meta, strict=True) if gs is not None]
-            grads: tuple[torch.Tensor | None, ...] = (None,) * len(self.phi)
-            if terms:
-                grads = torch.autograd.grad(torch.stack(terms).sum(), self.phi, allow_unused=True)
-            del terms, g_src
+            grads = mixed_term(g_src, g_meta, self.phi)
+            del g_src
             phi_grads = [torch.zeros_like(p) if d is None else -a * d for p, d in zip(self.phi, grads, strict=True)]
         else:
             del g_src
-            norm = torch.stack([(gm.float() ** 2).sum() for gm in g_meta]).sum().sqrt()
-            eps = self.cfg.fd_epsilon / max(float(norm), 1e-12)
+            eps = self.cfg.fd_epsilon / max(global_norm(g_meta), 1e-12)
+            base = [p.detach() for p in theta]
+            if rows is not None:  # shift the source batch's rows, by g' there (0 off the meta rows)
+                base[rows.index] = base[rows.index].index_select(0, rows.src)
+                g_meta[rows.index] = gather_rows(g_meta[rows.index], rows.meta, rows.src)
 
             def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
-                shifted = {
-                    n: torch.add(p.detach(), gm, alpha=sign * eps) for n, p, gm in zip(names, theta, g_meta, strict=True)
-                }
-                loss_sh = self.train_loss(src, source, None, params=shifted)
+                shifted = {n: torch.add(b, gm, alpha=sign * eps) for n, b, gm in zip(names, base, g_meta, strict=True)}
+                loss_sh = self.train_loss(src_in, source, None, params=shifted)
                 return torch.autograd.grad(loss_sh, self.phi, allow_unused=True)
 
             phi_grads = self._central_difference(phi_grad_at, a, eps)
@@ -510,13 +632,11 @@ class Learner:
 
         # (3) d L_meta / d phi = -a * d/dphi <g(phi), g'>
         if exact:
-            proxy = torch.stack([(gi * gm).sum() for gi, gm in zip(g, g_meta, strict=True)]).sum()
-            grads = torch.autograd.grad(proxy, self.phi, allow_unused=True)
+            grads = mixed_term(g, g_meta, self.phi)
             phi_grads = [torch.zeros_like(p) if d is None else -a * d for p, d in zip(self.phi, grads, strict=True)]
         else:
             del g, loss
-            norm = torch.stack([(gm.float() ** 2).sum() for gm in g_meta]).sum().sqrt()
-            eps = self.cfg.fd_epsilon / max(float(norm), 1e-12)
+            eps = self.cfg.fd_epsilon / max(global_norm(g_meta), 1e-12)
 
             def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
                 shifted = {
