@@ -78,6 +78,8 @@ class TrainConfig:
     """split: half of each target batch is the meta batch (official code); separate: draw one."""
     inner_lr: float | None = None
     """Virtual-step lr; None uses the current main lr (as the official code)."""
+    inner_lr_per_group: bool = False
+    """Virtual step at each optimiser group's current lr (the head at head_lr), as the real step."""
     virtual_from_layer: int = 0
     """Only parameters of layers >= this take the virtual step (0: all, exact)."""
     # --- optimisation ---
@@ -193,6 +195,9 @@ class TrainConfig:
             raise ConfigError(f"head_lr must be > 0 (or omitted to use lr), got {self.head_lr}")
         if self.inner_lr is not None and self.inner_lr < 0:
             raise ConfigError(f"inner_lr must be >= 0, got {self.inner_lr}")
+        if self.inner_lr_per_group and self.inner_lr is not None:
+            raise ConfigError("inner_lr_per_group takes each group's lr as the virtual-step lr: "
+                              f"leave inner_lr unset (got inner_lr={self.inner_lr})")
         if self.fd_epsilon <= 0:
             raise ConfigError(f"fd_epsilon must be > 0, got {self.fd_epsilon}")
 

@@ -274,6 +274,33 @@ def global_norm(tensors: list[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float()))
 
 
+def lr_factor(g_meta: list[torch.Tensor], lrs: list[float]) -> tuple[float, list[torch.Tensor]]:
+    """Fold the virtual-step lrs into ``g'``: ``d/dphi <g, A g'>`` with ``A = diag(lrs)`` is
+    ``a * d/dphi <g, g'>`` when every lr is ``a`` (returned as ``(a, g')``, unchanged), else
+    ``(1, A g')``.
+
+    >>> a, d = lr_factor([torch.ones(2), torch.ones(1)], [0.1, 0.5])
+    >>> a, [t.tolist() for t in d]
+    (1.0, [[0.1, 0.1], [0.5]])
+    """
+    if len(set(lrs)) <= 1:
+        return (lrs[0] if lrs else 0.0), g_meta
+    return 1.0, list(torch._foreach_mul(g_meta, lrs))
+
+
+def sub_scaled(bases: list[torch.Tensor], grads: list[torch.Tensor], lrs: list[float]) -> list[torch.Tensor]:
+    """``bases[i] - lrs[i] * grads[i]`` as new tensors, with multi-tensor kernels.
+
+    >>> [t.tolist() for t in sub_scaled([torch.ones(1), torch.ones(1)], [torch.ones(1)] * 2, [0.5, 0.25])]
+    [[0.5], [0.75]]
+    """
+    if not bases:
+        return []
+    if len(set(lrs)) == 1:
+        return list(torch._foreach_add(bases, grads, alpha=-lrs[0]))
+    return list(torch._foreach_add(bases, torch._foreach_mul(grads, [-lr for lr in lrs])))
+
+
 @dataclass
 class EmbeddingRows:
     """The word-embedding rows one MetaXL step needs: ``src`` (the source batch's token ids) and
@@ -359,6 +386,15 @@ class Learner:
     def inner_lr(self) -> float:
         """The virtual-step lr ``a``: fixed, or the current main lr (official code)."""
         return self.cfg.inner_lr if self.cfg.inner_lr is not None else self.current_lr()
+
+    def inner_lrs(self) -> list[float]:
+        """The virtual-step lr of each parameter in :attr:`virtual_names`: :meth:`inner_lr` for
+        all, or with ``inner_lr_per_group`` the current lr of the optimiser group that holds it
+        (the task head's ``head_lr``), so the virtual step scales each part as the real step does."""
+        if not self.cfg.inner_lr_per_group:
+            return [self.inner_lr()] * len(self.virtual_names)
+        lr_of = {id(p): float(group["lr"]) for group in self.opt_theta.param_groups for p in group["params"]}
+        return [lr_of[id(self.theta[n])] for n in self.virtual_names]
 
     def train_loss(
         self,
@@ -503,7 +539,7 @@ class Learner:
             return phi_grads, meta_value, None, 0.0
         names = self.virtual_names
         theta = [self.theta[n] for n in names]
-        a = self.inner_lr()
+        lrs = self.inner_lrs()
         exact = self.cfg.hypergrad == "exact"
         rows = self.embedding_rows(src, meta)
 
@@ -527,8 +563,8 @@ class Learner:
         if rows is not None and g_src[rows.index] is not None:  # the source gradient at the meta rows
             g_src[rows.index] = gather_rows(g_src[rows.index], rows.src, rows.meta)  # type: ignore[arg-type]
 
-        # (2) virtual step theta' = theta - a (g_src + g_tgt), g averaged across processes;
-        # the embedding's theta' holds the meta batch's rows only
+        # (2) virtual step theta' = theta - a (g_src + g_tgt) (a per tensor with inner_lr_per_group),
+        # g averaged across processes; the embedding's theta' holds the meta batch's rows only
         base = [p.detach() for p in theta]
         step_tgt = [g_tgt.get(n) for n in names]
         if rows is not None:
@@ -543,18 +579,19 @@ class Learner:
                     gi.add_(gt)
                 g_sum.append(gi)
             allreduce_mean(g_sum)
-            primes = [gi.mul_(-a).add_(b) for b, gi in zip(base, g_sum, strict=True)]
+            primes = [gi.mul_(-lr).add_(b) for b, gi, lr in zip(base, g_sum, lrs, strict=True)]
             del g_sum
         else:
             # multi-tensor kernels: a few launches instead of two per parameter tensor (GPUs are
             # launch-bound at the paper's batch size)
             have = [i for i, gs in enumerate(g_src) if gs is not None]
-            stepped = dict(zip(have, torch._foreach_add([base[i] for i in have], [g_src[i].detach() for i in have],  # type: ignore[union-attr]
-                                                        alpha=-a) if have else [], strict=True))
+            stepped = dict(zip(have, sub_scaled([base[i] for i in have], [g_src[i].detach() for i in have],  # type: ignore[union-attr]
+                                                [lrs[i] for i in have]), strict=True))
             primes = [stepped[i] if i in stepped else b.clone() for i, b in enumerate(base)]
             with_tgt = [i for i, gt in enumerate(step_tgt) if gt is not None]
-            if with_tgt:
-                torch._foreach_add_([primes[i] for i in with_tgt], [step_tgt[i] for i in with_tgt], alpha=-a)  # type: ignore[misc]
+            for i, tp in zip(with_tgt, sub_scaled([primes[i] for i in with_tgt], [step_tgt[i] for i in with_tgt],  # type: ignore[misc]
+                                                  [lrs[i] for i in with_tgt]), strict=True):
+                primes[i] = tp
         del base, step_tgt
         theta_prime = {n: tp.requires_grad_() for n, tp in zip(names, primes, strict=True)}
         del primes
@@ -567,7 +604,8 @@ class Learner:
         del theta_prime, raw, meta_loss
         allreduce_mean(g_meta)
 
-        # (3) d L_meta / d phi = -a * d/dphi <g_src(phi), g'>
+        # (3) d L_meta / d phi = -a * d/dphi <g_src(phi), g'> (per-tensor lrs folded into g')
+        a, g_meta = lr_factor(g_meta, lrs)
         if exact:
             grads = mixed_term(g_src, g_meta, self.phi)
             del g_src
@@ -608,7 +646,7 @@ class Learner:
         both in the exact mode): the GradScaler (fp16) and target-only code path."""
         names = self.virtual_names
         theta = [self.theta[n] for n in names]
-        a = self.inner_lr()
+        lrs = self.inner_lrs()
         exact = self.cfg.hypergrad == "exact"
 
         # (1) g = grad_theta L_train(theta, phi); a graph through g is kept for the exact mode.
@@ -622,7 +660,7 @@ class Learner:
 
         # (2) virtual step theta' = theta - a g, and g' = grad L_meta(theta')
         theta_prime = {
-            n: (p.detach() - a * gi).requires_grad_() for n, p, gi in zip(names, theta, g_avg, strict=True)
+            n: (p.detach() - lr * gi).requires_grad_() for n, p, gi, lr in zip(names, theta, g_avg, lrs, strict=True)
         }
         with self.autocast():
             meta_loss = batch_loss(self.model, meta, theta_prime)
@@ -630,7 +668,8 @@ class Learner:
         g_meta = [torch.zeros_like(p) if gm is None else gm.detach() for p, gm in zip(theta, raw, strict=True)]
         allreduce_mean(g_meta)
 
-        # (3) d L_meta / d phi = -a * d/dphi <g(phi), g'>
+        # (3) d L_meta / d phi = -a * d/dphi <g(phi), g'> (per-tensor lrs folded into g')
+        a, g_meta = lr_factor(g_meta, lrs)
         if exact:
             grads = mixed_term(g, g_meta, self.phi)
             phi_grads = [torch.zeros_like(p) if d is None else -a * d for p, d in zip(self.phi, grads, strict=True)]
