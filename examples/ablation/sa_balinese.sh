@@ -1,11 +1,11 @@
 #!/bin/bash
 # One-factor-at-a-time variations of the study's MetaXL run on NusaX balinese <- indonesian (binary,
 # seed 1): the settings docs/results.md reports under "What was tried" (meta lr, inner lr, RTN layer
-# and variant, meta-batch split) and the cost options of docs/performance.md (finite differences,
+# and variant, meta-batch split, a per-group virtual-step lr) and the cost options of docs/performance.md (finite differences,
 # a virtual step limited to the upper layers, trained word embeddings). Each run changes one thing
 # from examples/sweeps/study_sa.yaml's MetaXL run; results land in results/ablation/<name>/results.json.
-#   bash examples/ablation/sa_balinese.sh                # 35-50 min per run on one CPU core, ~2 min on a GPU
-#   REVERSE=1 bash examples/ablation/sa_balinese.sh      # a second worker, e.g. on the second core
+#   bash examples/ablation/sa_balinese.sh     # 35-50 min per run on one CPU core, ~2 min on a GPU
+#   bash examples/ablation/sa_balinese.sh &   # again, for a second worker (e.g. on the second core)
 set -eu
 BASE="--target nusax:balinese --source nusax:indonesian --task sa --sa-labels binary --method metaxl
       --target-size 100 --source-size 200 --data-seed none --epochs 10 --batch-size 10 --lr 1e-4
@@ -18,18 +18,18 @@ run() {  # name, flags that differ from BASE
   mkdir -p results/ablation; mkdir results/ablation/$name 2>/dev/null || { echo "taken: $name"; return; }
   metaxl train $BASE "$@" --output-dir results/ablation/$name
 }
-RUNS=(
+RUNS=(  # in order of priority; finished ones are skipped
   "meta-lr-1e-3 --meta-lr 1e-3"
   "rtn-plain --rtn-variant plain"
   "inner-lr-1e-3 --inner-lr 1e-3"
   "rtn-layers-0-12 --rtn-layers 0,12"
   "hypergrad-fd --hypergrad finite-difference"
-  "meta-batch-separate --meta-batch separate"
-  "no-freeze-embeddings --no-freeze-embeddings"
-  "meta-lr-1e-5 --meta-lr 1e-5"
-  "rtn-layer-0 --rtn-layers 0"
   "virtual-from-layer-7 --virtual-from-layer 7"
+  "no-freeze-embeddings --no-freeze-embeddings"
+  "inner-lr-per-group --inner-lr-per-group"
+  "rtn-layer-0 --rtn-layers 0"
+  "meta-batch-separate --meta-batch separate"
+  "meta-lr-1e-5 --meta-lr 1e-5"
 )
-# REVERSE=1 walks the list from the end: two workers (one per core) share it without overlap
-if [ "${REVERSE:-0}" = 1 ]; then for ((i=${#RUNS[@]}-1; i>=0; i--)); do run ${RUNS[i]}; done
-else for r in "${RUNS[@]}"; do run $r; done; fi
+# several workers (e.g. one per core) share the list: each takes the next run no one has taken
+for r in "${RUNS[@]}"; do run $r; done
