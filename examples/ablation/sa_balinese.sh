@@ -16,7 +16,7 @@ run() {  # name, flags that differ from BASE
   if grep -qs '"status": "finished"' results/ablation/$name/results.json; then echo "finished: $name"; return; fi
   # a folder without a finished results.json: another worker is on it, or it was killed (delete it)
   mkdir -p results/ablation; mkdir results/ablation/$name 2>/dev/null || { echo "taken: $name"; return; }
-  metaxl train $BASE "$@" --output-dir results/ablation/$name
+  ${METAXL:-metaxl} train $BASE "$@" --output-dir results/ablation/$name  # METAXL="python -m metaxl" without the entry point
 }
 RUNS=(  # in order of priority; finished ones are skipped
   "meta-lr-1e-3 --meta-lr 1e-3"
