@@ -279,9 +279,11 @@ def lr_factor(g_meta: list[torch.Tensor], lrs: list[float]) -> tuple[float, list
     ``a * d/dphi <g, g'>`` when every lr is ``a`` (returned as ``(a, g')``, unchanged), else
     ``(1, A g')``.
 
-    >>> a, d = lr_factor([torch.ones(2), torch.ones(1)], [0.1, 0.5])
+    >>> a, d = lr_factor([torch.ones(2), torch.ones(1)], [0.25, 0.5])
     >>> a, [t.tolist() for t in d]
-    (1.0, [[0.1, 0.1], [0.5]])
+    (1.0, [[0.25, 0.25], [0.5]])
+    >>> lr_factor([torch.ones(2)], [0.5])[0]
+    0.5
     """
     if len(set(lrs)) <= 1:
         return (lrs[0] if lrs else 0.0), g_meta
