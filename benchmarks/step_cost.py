@@ -20,7 +20,8 @@ Method names: a base (``jt``, ``jt-rtn``, ``metaxl``, ``target-only``) and optio
 ``-fd`` (finite-difference hypergradient), ``-frozen-emb`` (freeze_embeddings), ``-upper<K>``
 (virtual step on the top K layers and the head only: virtual_from_layer = N-K+1), ``-dense-emb``
 (the word embeddings' virtual step taken densely: ``Learner.row_sparse_embeddings = False``, i.e.
-without change B of docs/performance.md), ``-fused`` (theta's AdamW with ``fused=True``).
+without change B of docs/performance.md), ``-reuse`` (``reuse_source_gradient``: theta's step
+reuses the source gradient of the hypergradient), ``-fused`` (theta's AdamW with ``fused=True``).
 ``-proto`` and ``-sparse-emb`` are accepted and change nothing: they named the prototypes of
 changes A and B, both now :class:`metaxl.meta.Learner`'s own code (the commands of
 docs/performance.md that were measured before still run).
@@ -74,6 +75,7 @@ class Variant:
     frozen_emb: bool = False
     upper: int | None = None
     dense_emb: bool = False
+    reuse: bool = False
     fused: bool = False
 
     @property
@@ -109,13 +111,15 @@ def parse_variant(name: str) -> Variant:
             rest = rest[len("-sparse-emb") :]
         elif rest.startswith("-dense-emb"):
             v.dense_emb, rest = True, rest[len("-dense-emb") :]
+        elif rest.startswith("-reuse"):
+            v.reuse, rest = True, rest[len("-reuse") :]
         elif m := re.match(r"-upper(\d+)", rest):
             v.upper, rest = int(m.group(1)), rest[m.end() :]
         else:
             raise SystemExit(f"method {name!r}: unknown suffix {rest!r} "
-                             "(use -fd, -frozen-emb, -upper<K>, -dense-emb, -fused)")
-    if (v.fd or v.upper is not None or v.dense_emb) and v.base != "metaxl":
-        raise SystemExit(f"method {name!r}: -fd, -upper<K> and -dense-emb only apply to metaxl")
+                             "(use -fd, -frozen-emb, -upper<K>, -dense-emb, -reuse, -fused)")
+    if (v.fd or v.upper is not None or v.dense_emb or v.reuse) and v.base != "metaxl":
+        raise SystemExit(f"method {name!r}: -fd, -upper<K>, -dense-emb and -reuse only apply to metaxl")
     return v
 
 
@@ -340,6 +344,7 @@ def make_runner(v: Variant, model: Any, args: argparse.Namespace, device: torch.
                 shared_opt: torch.optim.Optimizer | None, num_layers: int) -> Runner:
     vfl = 0 if v.upper is None else max(0, num_layers - v.upper + 1)
     cfg = TrainConfig(method=v.base, hypergrad=v.hypergrad, freeze_embeddings=v.frozen_emb, virtual_from_layer=vfl,
+                      reuse_source_gradient=v.reuse,
                       lr=args.lr, meta_lr=args.meta_lr, batch_size=args.batch_size, rtn_layers=args.rtn_layers,
                       rtn_variant=args.rtn_variant, rtn_hidden=args.rtn_hidden, precision=args.precision,
                       gradient_checkpointing=args.gradient_checkpointing, source=["random"], target="random")
@@ -548,7 +553,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="measured rounds (one step of every method each)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list; base jt|jt-rtn|metaxl|target-only + -fd, -frozen-emb, -upper<K>, -dense-emb, -fused")
+                   help="comma list; base jt|jt-rtn|metaxl|target-only + -fd, -frozen-emb, -upper<K>, -dense-emb, -reuse, -fused")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")

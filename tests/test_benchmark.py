@@ -55,6 +55,7 @@ def test_parse_variant():
     # the names of the former prototypes still parse, as Learner itself
     assert sc.parse_variant("metaxl-sparse-emb-proto") == sc.Variant(name="metaxl-sparse-emb-proto", base="metaxl")
     assert sc.parse_variant("jt-rtn-frozen-emb").base == "jt-rtn"
-    for bad in ("jt-fd", "jt-dense-emb", "metaxl-sparse"):
+    assert sc.parse_variant("metaxl-fd-reuse").reuse
+    for bad in ("jt-fd", "jt-dense-emb", "jt-reuse", "metaxl-sparse"):
         with pytest.raises(SystemExit):
             sc.parse_variant(bad)

@@ -278,3 +278,41 @@ def test_per_group_inner_lr_hypergradient_matches_finite_differences(path):
     learner.cfg = learner.cfg.replace(hypergrad="finite-difference")
     approx = torch.cat([g.reshape(-1) for g in learner.hypergradient(src, 0, tgt, meta)[0]])
     assert torch.nn.functional.cosine_similarity(approx, reference, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("hypergrad,vfl", [("exact", 0), ("finite-difference", 0), ("exact", 2)])
+def test_reuse_source_gradient_steps_theta_on_the_old_phi_gradient(hypergrad, vfl):
+    """reuse_source_gradient: phi's step is unchanged, theta's step uses grad L_train(theta, phi_old)
+    (computed here from scratch) instead of recomputing the source loss at the new phi."""
+    import copy
+
+    model, inj, learner, src, tgt, meta = _setup("plain", (2,), "ner", hypergrad, vfl)
+    t, m = split_batch({k: torch.cat([tgt[k], meta[k]]) for k in tgt})
+    model_ref = copy.deepcopy(model)
+    inj_ref = RTNInjector(model_ref, [2], variant="plain", hidden=2, detach_input=True).double()
+    inj_ref.load_state_dict(inj.state_dict())
+    loss = learner.train_loss(src, 0, t)
+    expected = {n: p.detach() - 0.1 * g for (n, p), g in
+                zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters())), strict=True)}
+    learner.cfg = learner.cfg.replace(reuse_source_gradient=True)
+    calls = []
+    train_loss = learner.train_loss
+    learner.train_loss = lambda *a, **k: calls.append(a[0] is not None) or train_loss(*a, **k)
+    stats = learner.step(src, 0, {k: torch.cat([tgt[k], meta[k]]) for k in tgt})
+    assert stats.loss == pytest.approx(float(loss), rel=1e-10)
+    for n, p in model.named_parameters():  # SGD lr 0.1, no clipping at this size
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-9, atol=1e-12, msg=n)
+
+    # the default recomputes the source loss at the new phi: phi moves the same, theta differently
+    ref = Learner(model_ref, inj_ref, learner.cfg.replace(reuse_source_gradient=False),
+                  torch.optim.SGD(model_ref.parameters(), lr=0.1), _ConstSched(),
+                  torch.optim.SGD(inj_ref.parameters(), lr=0.1), _ConstSched(), contextlib.nullcontext)
+    ref_calls = []
+    ref_loss = ref.train_loss
+    ref.train_loss = lambda *a, **k: ref_calls.append(a[0] is not None) or ref_loss(*a, **k)
+    ref.step(src, 0, {k: torch.cat([tgt[k], meta[k]]) for k in tgt})
+    assert sum(ref_calls) == sum(calls) + 1  # one source forward less
+    for a, b in zip(inj.parameters(), inj_ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    moved = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), model_ref.parameters(), strict=True))
+    assert moved > 1e-9, "the two theta steps should differ (phi changed between them)"

@@ -2,7 +2,7 @@
 # One-factor-at-a-time variations of the study's MetaXL run on NusaX balinese <- indonesian (binary,
 # seed 1): the settings docs/results.md reports under "What was tried" (meta lr, inner lr, RTN layer
 # and variant, meta-batch split, a per-group virtual-step lr) and the cost options of docs/performance.md (finite differences,
-# a virtual step limited to the upper layers, trained word embeddings). Each run changes one thing
+# a virtual step limited to the upper layers, trained word embeddings, the source gradient reused). Each run changes one thing
 # from examples/sweeps/study_sa.yaml's MetaXL run; results land in results/ablation/<name>/results.json.
 #   bash examples/ablation/sa_balinese.sh     # 35-50 min per run on one CPU core, ~2 min on a GPU
 #   bash examples/ablation/sa_balinese.sh &   # again, for a second worker (e.g. on the second core)
@@ -26,6 +26,7 @@ RUNS=(  # in order of priority; finished ones are skipped
   "hypergrad-fd --hypergrad finite-difference"
   "virtual-from-layer-7 --virtual-from-layer 7"
   "no-freeze-embeddings --no-freeze-embeddings"
+  "reuse-source-gradient --reuse-source-gradient"
   "inner-lr-per-group --inner-lr-per-group"
   "rtn-layer-0 --rtn-layers 0"
   "meta-batch-separate --meta-batch separate"

@@ -80,6 +80,9 @@ class TrainConfig:
     """Virtual-step lr; None uses the current main lr (as the official code)."""
     inner_lr_per_group: bool = False
     """Virtual step at each optimiser group's current lr (the head at head_lr), as the real step."""
+    reuse_source_gradient: bool = False
+    """theta's step reuses the source gradient taken before phi's step (old phi): one forward and
+    backward less per step, an approximation (official code: recompute with the new phi)."""
     virtual_from_layer: int = 0
     """Only parameters of layers >= this take the virtual step (0: all, exact)."""
     # --- optimisation ---

@@ -423,14 +423,15 @@ class Learner:
 
     def _update_theta(
         self,
-        loss: torch.Tensor,
+        loss: torch.Tensor | None,
         extra: list[torch.nn.Parameter] | None = None,
         kept: list[torch.Tensor | None] | None = None,
     ) -> None:
         """Backward ``loss`` into theta (and ``extra``), average across processes, clip, step.
 
         ``kept``: gradients of another loss over theta (in ``self.theta``'s order, not scaled)
-        that the backward accumulates into, so the sum is averaged, clipped and stepped once.
+        that the backward accumulates into, so the sum is averaged, clipped and stepped once;
+        ``loss`` None: ``kept`` is the whole gradient.
         """
         params = list(self.theta.values()) + (extra or [])
         if kept is not None:
@@ -438,7 +439,9 @@ class Learner:
             for p, gk in zip(self.theta.values(), kept, strict=True):
                 if gk is not None:
                     p.grad = gk
-        if self.scaler is not None:
+        if loss is None:
+            assert kept is not None, "a theta step needs a loss or gradients"
+        elif self.scaler is not None:
             self.scaler.scale(loss).backward(inputs=params)
         else:
             loss.backward(inputs=params)
@@ -560,7 +563,14 @@ class Learner:
             src_sub, src_in = {rows.name: w_src}, remap_ids(src, rows.src)
         with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
             loss_s = self.train_loss(src_in, source, None, params=src_sub)
-        g_src = list(torch.autograd.grad(loss_s, inputs, create_graph=exact, allow_unused=True))
+        # reuse_source_gradient: also the parameters outside the virtual step, for theta's step
+        others: list[torch.Tensor] = [p for n, p in self.theta.items() if n not in set(names)] if self.cfg.reuse_source_gradient else []
+        g_src = list(torch.autograd.grad(loss_s, inputs + others, create_graph=exact, allow_unused=True))
+        g_src_kept: list[torch.Tensor | None] | None = None
+        if self.cfg.reuse_source_gradient:
+            g_src_kept = [None if g is None else g.detach() for g in g_src]
+        g_src = g_src[: len(names)]
+        loss_s_value = float(loss_s.detach())
         del loss_s, src_sub, inputs
         if rows is not None and g_src[rows.index] is not None:  # the source gradient at the meta rows
             g_src[rows.index] = gather_rows(g_src[rows.index], rows.src, rows.meta)  # type: ignore[arg-type]
@@ -597,6 +607,10 @@ class Learner:
         del base, step_tgt
         theta_prime = {n: tp.requires_grad_() for n, tp in zip(names, primes, strict=True)}
         del primes
+        if g_src_kept is not None:  # theta's step will use g_src + g_tgt at the old phi
+            g_tgt_all = self._add_source_gradient(g_tgt_all, g_src_kept, rows)
+            loss_t += loss_s_value
+            del g_src_kept
         # g' = grad L_meta(theta'); theta' is freed once g' is taken
         with self.autocast():
             meta_loss = batch_loss(self.model, meta if rows is None else remap_ids(meta, rows.meta), theta_prime)
@@ -628,6 +642,26 @@ class Learner:
             phi_grads = self._central_difference(phi_grad_at, a, eps)
         allreduce_mean(phi_grads)
         return phi_grads, meta_value, g_tgt_all, loss_t
+
+    def _add_source_gradient(
+        self, g_tgt_all: list[torch.Tensor | None] | None, g_src: list[torch.Tensor | None], rows: EmbeddingRows | None
+    ) -> list[torch.Tensor | None]:
+        """``g_tgt + g_src`` over all of theta, in ``self.theta``'s order, in place where possible.
+        ``g_src`` is in :attr:`virtual_names` order, then the other parameters of theta; with
+        ``rows``, the embedding's entry holds the source batch's rows only."""
+        names = self.virtual_names + [n for n in self.theta if n not in set(self.virtual_names)]
+        by_name = dict(zip(names, g_src, strict=True))
+        out: list[torch.Tensor | None] = []
+        for i, (n, p) in enumerate(self.theta.items()):
+            gt = None if g_tgt_all is None else g_tgt_all[i]
+            gs = by_name.get(n)
+            if gs is None:
+                out.append(gt)
+            elif rows is not None and n == rows.name:
+                out.append((torch.zeros_like(p) if gt is None else gt).index_add_(0, rows.src, gs))
+            else:
+                out.append(gs.clone() if gt is None else gt.add_(gs))
+        return out
 
     def _central_difference(
         self, phi_grad_at: Callable[[float], tuple[torch.Tensor | None, ...]], a: float, eps: float
@@ -695,6 +729,8 @@ class Learner:
 
         The theta step reuses the target gradient kept by the hypergradient: only the source
         loss is recomputed (with the new phi) and its gradient accumulates into the kept one.
+        With ``reuse_source_gradient`` (opt-in, an approximation) the source gradient taken for
+        the hypergradient, at the old phi, is reused too: no forward or backward in the theta step.
         """
         assert self.opt_phi is not None
         phi_grads, meta_loss, g_tgt, loss_t = self._hypergradient(src, source, tgt, meta)
@@ -711,6 +747,10 @@ class Learner:
             loss = self.train_loss(src, source, tgt)  # recomputed with the new phi
             self._update_theta(loss)
             return StepStats(loss=float(loss.detach()), meta_loss=meta_loss, phi_grad_norm=phi_norm)
+        if self.cfg.reuse_source_gradient and src is not None:
+            # the kept gradient already holds g_src at the old phi: no recomputation (approximate)
+            self._update_theta(None, kept=g_tgt)
+            return StepStats(loss=loss_t, meta_loss=meta_loss, phi_grad_norm=phi_norm)
         loss = self.train_loss(src, source, None)  # the source part, recomputed with the new phi
         self._update_theta(loss, kept=g_tgt)
         return StepStats(loss=float(loss.detach()) + loss_t, meta_loss=meta_loss, phi_grad_norm=phi_norm)

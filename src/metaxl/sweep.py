@@ -92,8 +92,8 @@ NON_SEMANTIC_KEYS = ("output_dir", "progress", "save_state")
 # Keys that only matter for some methods; others get TrainConfig's defaults (see effective_config).
 SOURCE_KEYS = ("source", "source_size")
 RTN_KEYS = ("rtn_layers", "rtn_variant", "rtn_hidden", "rtn_per_source", "meta_lr")
-META_KEYS = ("hypergrad", "fd_epsilon", "meta_batch", "inner_lr", "inner_lr_per_group", "virtual_from_layer",
-             "backoff_epochs")
+META_KEYS = ("hypergrad", "fd_epsilon", "meta_batch", "inner_lr", "inner_lr_per_group", "reuse_source_gradient",
+             "virtual_from_layer", "backoff_epochs")
 
 _DEFAULTS = TrainConfig().to_dict()
 _HINTS = typing.get_type_hints(TrainConfig)
