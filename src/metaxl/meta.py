@@ -303,6 +303,36 @@ def sub_scaled(bases: list[torch.Tensor], grads: list[torch.Tensor], lrs: list[f
     return list(torch._foreach_add(bases, torch._foreach_mul(grads, [-lr for lr in lrs])))
 
 
+def virtual_step(base: Sequence[torch.Tensor], g_src: Sequence[torch.Tensor | None], g_tgt: Sequence[torch.Tensor | None],
+                 lrs: list[float]) -> list[torch.Tensor]:
+    """theta' = base - lr * (g_src + g_tgt), tensor by tensor (None: no gradient), as new tensors;
+    under torch.distributed the gradient sum is averaged across processes first.
+
+    >>> virtual_step([torch.ones(1), torch.ones(1)], [torch.ones(1), None], [torch.ones(1), None], [0.25, 0.25])
+    [tensor([0.5000]), tensor([1.])]
+    """
+    if _dist_ready():
+        g_sum = []
+        for b, gs, gt in zip(base, g_src, g_tgt, strict=True):
+            gi = torch.zeros_like(b) if gs is None else gs.detach().clone()
+            if gt is not None:
+                gi.add_(gt)
+            g_sum.append(gi)
+        allreduce_mean(g_sum)
+        return [gi.mul_(-lr).add_(b) for b, gi, lr in zip(base, g_sum, lrs, strict=True)]
+    # multi-tensor kernels: a few launches instead of two per parameter tensor (GPUs are
+    # launch-bound at the paper's batch size)
+    have = [i for i, gs in enumerate(g_src) if gs is not None]
+    stepped = dict(zip(have, sub_scaled([base[i] for i in have], [g_src[i].detach() for i in have],  # type: ignore[union-attr]
+                                        [lrs[i] for i in have]), strict=True))
+    primes = [stepped[i] if i in stepped else b.clone() for i, b in enumerate(base)]
+    with_tgt = [i for i, gt in enumerate(g_tgt) if gt is not None]
+    for i, tp in zip(with_tgt, sub_scaled([primes[i] for i in with_tgt], [g_tgt[i] for i in with_tgt],  # type: ignore[misc]
+                                          [lrs[i] for i in with_tgt]), strict=True):
+        primes[i] = tp
+    return primes
+
+
 @dataclass
 class EmbeddingRows:
     """The word-embedding rows one MetaXL step needs: ``src`` (the source batch's token ids) and
@@ -583,27 +613,7 @@ class Learner:
             base[rows.index] = base[rows.index].index_select(0, rows.meta)
             gt = step_tgt[rows.index]
             step_tgt[rows.index] = None if gt is None else gt.index_select(0, rows.meta)
-        if _dist_ready():
-            g_sum = []
-            for b, gs, gt in zip(base, g_src, step_tgt, strict=True):
-                gi = torch.zeros_like(b) if gs is None else gs.detach().clone()
-                if gt is not None:
-                    gi.add_(gt)
-                g_sum.append(gi)
-            allreduce_mean(g_sum)
-            primes = [gi.mul_(-lr).add_(b) for b, gi, lr in zip(base, g_sum, lrs, strict=True)]
-            del g_sum
-        else:
-            # multi-tensor kernels: a few launches instead of two per parameter tensor (GPUs are
-            # launch-bound at the paper's batch size)
-            have = [i for i, gs in enumerate(g_src) if gs is not None]
-            stepped = dict(zip(have, sub_scaled([base[i] for i in have], [g_src[i].detach() for i in have],  # type: ignore[union-attr]
-                                                [lrs[i] for i in have]), strict=True))
-            primes = [stepped[i] if i in stepped else b.clone() for i, b in enumerate(base)]
-            with_tgt = [i for i, gt in enumerate(step_tgt) if gt is not None]
-            for i, tp in zip(with_tgt, sub_scaled([primes[i] for i in with_tgt], [step_tgt[i] for i in with_tgt],  # type: ignore[misc]
-                                                  [lrs[i] for i in with_tgt]), strict=True):
-                primes[i] = tp
+        primes = virtual_step(base, g_src, step_tgt, lrs)
         del base, step_tgt
         theta_prime = {n: tp.requires_grad_() for n, tp in zip(names, primes, strict=True)}
         del primes
