@@ -82,7 +82,8 @@ class TrainConfig:
     """Virtual step at each optimiser group's current lr (the head at head_lr), as the real step."""
     reuse_source_gradient: bool = False
     """theta's step reuses the source gradient taken before phi's step (old phi): one forward and
-    backward less per step, an approximation (official code: recompute with the new phi)."""
+    backward less per step, an approximation (official code: recompute with the new phi).
+    Ignored under fp16 (its GradScaler path recomputes)."""
     virtual_from_layer: int = 0
     """Only parameters of layers >= this take the virtual step (0: all, exact)."""
     # --- optimisation ---
