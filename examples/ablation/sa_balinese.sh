@@ -27,6 +27,7 @@ RUNS=(  # in order of priority; finished ones are skipped
   "virtual-from-layer-7 --virtual-from-layer 7"
   "no-freeze-embeddings --no-freeze-embeddings"
   "reuse-source-gradient --reuse-source-gradient"
+  "reference-metaxl-cpu"  # the study's MetaXL run itself, on this machine (the references ran on a GPU)
   "inner-lr-per-group --inner-lr-per-group"
   "rtn-layer-0 --rtn-layers 0"
   "meta-batch-separate --meta-batch separate"
