@@ -391,3 +391,26 @@ def test_rows_missing_targets_get_an_average_over_the_shared_ones(tmp_path: Path
     assert mx_line.endswith(f"| 73.00 ± {statistics.stdev([72, 74]):.2f} † | 73.00 ± {statistics.stdev([72, 74]):.2f} |")
     rows = list(csv.reader((out / next(p.name for p in out.glob("*.csv") if p.name.startswith("ner"))).open()))
     assert rows[0][-3:] == ["avg shared mean", "avg shared std", "avg shared n"]
+
+
+def test_one_factor_at_a_time_rows_are_labelled_by_what_they_change(tmp_path: Path) -> None:
+    """An ablation: a reference MetaXL run and variations of one setting each. Labels name only the
+    changed setting; the reference's settings are listed once; a non-semantic key (save_state)
+    does not keep a run from its JT pair."""
+    runs = tmp_path / "runs"
+    t, src = "nusax:balinese", ["nusax:indonesian"]
+    kw = dict(target=t, source=src, seed=1, task="sa", sa_labels="binary", source_size=200)
+    write_run(runs, "jt", method="jt", f1=80.0, save_state=False, **kw)
+    write_run(runs, "ref", method="metaxl", f1=74.0, meta_lr=1e-4, hypergrad="exact", save_state=False, **kw)
+    write_run(runs, "ref-again", method="metaxl", f1=75.0, meta_lr=1e-4, hypergrad="exact", **{**kw, "seed": 2})
+    write_run(runs, "mlr", method="metaxl", f1=77.0, meta_lr=1e-3, hypergrad="exact", save_state=True, **kw)
+    write_run(runs, "fd", method="metaxl", f1=81.0, meta_lr=1e-4, hypergrad="finite-difference", **kw)
+    res = make_report(runs, tmp_path / "out", related=None)
+    (table,) = res.tables
+    assert [r.label for r in table.rows] == ["JT (related)", "MetaXL (related)",
+                                             "MetaXL (related; FD)", "MetaXL (related; meta_lr=0.001)"]
+    assert table.common == ["MetaXL: exact; meta_lr=0.0001"]
+    assert "the most common: MetaXL: exact; meta_lr=0.0001." in res.markdown_path.read_text()
+    deltas = {c.treatment: c.stats.mean for c in res.comparisons}
+    assert deltas == {"MetaXL (related)": -6.0, "MetaXL (related; FD)": 1.0,
+                      "MetaXL (related; meta_lr=0.001)": -3.0}

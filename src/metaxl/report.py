@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from .errors import MetaXLError
 from .sweep import (
     FAILED_MARKER,
     META_KEYS,
+    NON_SEMANTIC_KEYS,
     RTN_KEYS,
     effective_config,
     infer_task,
@@ -253,6 +255,8 @@ class _Entry:
     seed: int
     value: float
     shared: str  # pairing key: config without method-specific keys
+    hidden: tuple[tuple[str, Any], ...] = ()
+    """Varying settings left out of the label: the most common value among the method's runs."""
 
 
 @dataclass
@@ -282,6 +286,8 @@ class Table:
     rows: list[Row]
     shared: list[str] = field(default_factory=list)
     """Targets present in every row, when that is fewer than all: the `avg` column over them."""
+    common: list[str] = field(default_factory=list)
+    """Per method, the settings its row labels leave out (the most common value of each)."""
 
     @property
     def uniform_n(self) -> bool:
@@ -421,6 +427,7 @@ def _entries(
             "progress",
             "device",
             "data_dir",
+            *NON_SEMANTIC_KEYS,  # e.g. save_state: how a run was kept, not what it computed
         }
         shared = json.dumps({k: v for k, v in cfg.items() if k not in drop}, sort_keys=True, default=str)
         kind_list = [marked] if method != "target-only" else ["none"]
@@ -442,7 +449,39 @@ def _entries(
                     shared,
                 )
             )
-    return entries, missing
+    return _hide_common_settings(entries), missing
+
+
+def _hide_common_settings(entries: list[_Entry]) -> list[_Entry]:
+    """Label rows by what differs: a varying setting whose value is more common than any other among
+    the runs of the same method, task and variant (the reference of a one-factor-at-a-time
+    ablation) moves from ``extras`` (the label) to ``hidden``; on a tie (a grid) it stays.
+    Rows stay distinct: two settings that differ in a key cannot both hold its most common value.
+
+    >>> e = [_Entry("r", "sa", "binary", 200, "metaxl", "en", (("meta_lr", v),), "t", s, 1.0, "")
+    ...      for v, s in ((1e-4, 1), (1e-4, 2), (1e-3, 1))]
+    >>> [(x.extras, x.hidden) for x in _hide_common_settings(e)][1:]
+    [((), (('meta_lr', 0.0001),)), ((('meta_lr', 0.001),), ())]
+    """
+    counts: dict[tuple[str, str, str, str], dict[str, int]] = {}
+    for e in entries:
+        for k, v in e.extras:
+            by_value = counts.setdefault((e.task, e.variant, e.method, k), {})
+            key = json.dumps(v, sort_keys=True, default=str)
+            by_value[key] = by_value.get(key, 0) + 1
+    modal: dict[tuple[str, str, str, str], str | None] = {}
+    for g, c in counts.items():  # a value more common than every other; on a tie (a grid), none
+        ranked = sorted(c.values(), reverse=True)
+        modal[g] = max(c, key=lambda v: c[v]) if len(ranked) == 1 or ranked[0] > ranked[1] else None
+    out = []
+    for e in entries:
+        shown: list[tuple[str, Any]] = []
+        hidden: list[tuple[str, Any]] = []
+        for k, v in e.extras:
+            common = modal[(e.task, e.variant, e.method, k)] == json.dumps(v, sort_keys=True, default=str)
+            (hidden if common else shown).append((k, v))
+        out.append(dataclasses.replace(e, extras=tuple(shown), hidden=tuple(hidden)))
+    return out
 
 
 def _label(e: _Entry) -> str:
@@ -532,7 +571,13 @@ def build_tables(entries: list[_Entry]) -> tuple[list[Table], list[str]]:
                     row.avg_shared = _average(rows_by_label[row.label], row.cells, shared)
             else:
                 shared = []
-            tables.append(Table(title, slug, task, variant, size, targets, columns, rows, shared))
+            common = []
+            for method in sorted({e.method for e in members}, key=lambda m: METHOD_ORDER.get(m, 9)):
+                by_key = {k: v for e in members if e.method == method for k, v in e.hidden}  # one modal value per key
+                hidden = sorted(by_key.items(), key=lambda kv: TrainConfig.field_names().index(kv[0]))
+                if hidden and any(e.extras for e in members if e.method == method):
+                    common.append(f"{METHOD_NAMES.get(method, method)}: " + "; ".join(_fmt_value(k, v) for k, v in hidden))
+            tables.append(Table(title, slug, task, variant, size, targets, columns, rows, shared, common))
     return tables, duplicates
 
 
@@ -780,6 +825,10 @@ def make_report(
         if table.uniform_n and table.rows:
             n = next(iter(table.rows[0].cells.values())).n
             md.append(f"{n} seed(s) per cell.")
+            md.append("")
+        if table.common:
+            md.append("A row's label names the settings where it differs from the most common one; the most common: "
+                      + " | ".join(table.common) + ".")
             md.append("")
         csv_path = out_dir / f"{table.slug}.csv"
         write_table_csv(table, csv_path)
