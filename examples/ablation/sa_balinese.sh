@@ -28,6 +28,8 @@ RUNS=(  # in order of priority; finished ones are skipped
   "no-freeze-embeddings --no-freeze-embeddings"
   "reuse-source-gradient --reuse-source-gradient"
   "reference-metaxl-cpu"  # the study's MetaXL run itself, on this machine (the references ran on a GPU)
+  "reference-jt-cpu --method jt"  # and its JT run
+  "jt-no-freeze-embeddings --method jt --no-freeze-embeddings"  # JT's side of no-freeze-embeddings
   "inner-lr-per-group --inner-lr-per-group"
   "rtn-layer-0 --rtn-layers 0"
   "meta-batch-separate --meta-batch separate"
