@@ -715,6 +715,9 @@ def plot_table(table: Table, path: Path, ylabel: str) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
     width = 0.8 / nrows
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if nrows <= 10 else "tab20"]  # one colour per row, also past ten rows
     for i, row in enumerate(table.rows):
         xs, ys, errs = [], [], []
         for j, col in enumerate(cols):
@@ -724,7 +727,8 @@ def plot_table(table: Table, path: Path, ylabel: str) -> None:
             xs.append(j - 0.4 + width * (i + 0.5))
             ys.append(c.mean)
             errs.append(0.0 if math.isnan(c.std) else c.std)
-        ax.bar(xs, ys, width=width * 0.95, yerr=errs if any(errs) else None, capsize=2, label=row.label)
+        ax.bar(xs, ys, width=width * 0.95, yerr=errs if any(errs) else None, capsize=2, label=row.label,
+               color=palette(i % palette.N))
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(names, rotation=30 if len(cols) > 8 else 0)
     ax.set_ylabel(ylabel)
