@@ -290,17 +290,24 @@ def lr_factor(g_meta: list[torch.Tensor], lrs: list[float]) -> tuple[float, list
     return 1.0, list(torch._foreach_mul(g_meta, lrs))
 
 
-def sub_scaled(bases: list[torch.Tensor], grads: list[torch.Tensor], lrs: list[float]) -> list[torch.Tensor]:
-    """``bases[i] - lrs[i] * grads[i]`` as new tensors, with multi-tensor kernels.
+def sub_scaled(bases: list[torch.Tensor], grads: list[torch.Tensor], lrs: list[float], inplace: bool = False
+               ) -> list[torch.Tensor]:
+    """``bases[i] - lrs[i] * grads[i]`` with multi-tensor kernels: new tensors, or ``bases``
+    updated in place.
 
     >>> [t.tolist() for t in sub_scaled([torch.ones(1), torch.ones(1)], [torch.ones(1)] * 2, [0.5, 0.25])]
     [[0.5], [0.75]]
     """
     if not bases:
         return []
-    if len(set(lrs)) == 1:
-        return list(torch._foreach_add(bases, grads, alpha=-lrs[0]))
-    return list(torch._foreach_add(bases, torch._foreach_mul(grads, [-lr for lr in lrs])))
+    uniform = len(set(lrs)) == 1
+    if not uniform:
+        grads = list(torch._foreach_mul(grads, [-lr for lr in lrs]))
+    alpha = -lrs[0] if uniform else 1.0
+    if inplace:
+        torch._foreach_add_(bases, grads, alpha=alpha)
+        return bases
+    return list(torch._foreach_add(bases, grads, alpha=alpha))
 
 
 def virtual_step(base: Sequence[torch.Tensor], g_src: Sequence[torch.Tensor | None], g_tgt: Sequence[torch.Tensor | None],
@@ -327,9 +334,8 @@ def virtual_step(base: Sequence[torch.Tensor], g_src: Sequence[torch.Tensor | No
                                         [lrs[i] for i in have]), strict=True))
     primes = [stepped[i] if i in stepped else b.clone() for i, b in enumerate(base)]
     with_tgt = [i for i, gt in enumerate(g_tgt) if gt is not None]
-    for i, tp in zip(with_tgt, sub_scaled([primes[i] for i in with_tgt], [g_tgt[i] for i in with_tgt],  # type: ignore[misc]
-                                          [lrs[i] for i in with_tgt]), strict=True):
-        primes[i] = tp
+    sub_scaled([primes[i] for i in with_tgt], [g_tgt[i] for i in with_tgt], [lrs[i] for i in with_tgt],  # type: ignore[misc]
+               inplace=True)
     return primes
 
 
