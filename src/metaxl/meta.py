@@ -407,6 +407,7 @@ class Learner:
         self.theta = {n: p for n, p in model.named_parameters() if p.requires_grad}
         depth = num_layers(model)
         self.virtual_names = [n for n in self.theta if param_depth(n, depth) >= cfg.virtual_from_layer]
+        self.other_names = [n for n in self.theta if param_depth(n, depth) < cfg.virtual_from_layer]
         self.phi = list(injector.parameters()) if injector is not None else []
 
     # ------------------------------------------------------------------ helpers
@@ -600,7 +601,7 @@ class Learner:
         with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
             loss_s = self.train_loss(src_in, source, None, params=src_sub)
         # reuse_source_gradient: also the parameters outside the virtual step, for theta's step
-        others: list[torch.Tensor] = [p for n, p in self.theta.items() if n not in set(names)] if self.cfg.reuse_source_gradient else []
+        others: list[torch.Tensor] = [self.theta[n] for n in self.other_names] if self.cfg.reuse_source_gradient else []
         g_src = list(torch.autograd.grad(loss_s, inputs + others, create_graph=exact, allow_unused=True))
         g_src_kept: list[torch.Tensor | None] | None = None
         if self.cfg.reuse_source_gradient:
@@ -665,7 +666,7 @@ class Learner:
         """``g_tgt + g_src`` over all of theta, in ``self.theta``'s order, in place where possible.
         ``g_src`` is in :attr:`virtual_names` order, then the other parameters of theta; with
         ``rows``, the embedding's entry holds the source batch's rows only."""
-        names = self.virtual_names + [n for n in self.theta if n not in set(self.virtual_names)]
+        names = self.virtual_names + self.other_names
         by_name = dict(zip(names, g_src, strict=True))
         out: list[torch.Tensor | None] = []
         for i, (n, p) in enumerate(self.theta.items()):
