@@ -106,7 +106,7 @@ def test_resume_continues_after_interruption(toy_data, tiny_model, tmp_path, mon
 
     def dying_evaluate(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:  # epoch 1 dev+test, epoch 2 dev(+test?) ... die during epoch 2 or 3
+        if calls["n"] == 3:  # dev of epochs 1 and 2 done (state saved after each), die in epoch 3's
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -122,6 +122,56 @@ def test_resume_continues_after_interruption(toy_data, tiny_model, tmp_path, mon
     assert any("resuming" in m for m in logs)
     assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3]
     assert not (tmp_path / "run" / "train_state").exists()
+    # the resumed run is the uninterrupted one: same dev curve, and the test set evaluated on the same
+    # best-epoch weights (kept in the saved state when the best epoch came before the interruption)
+    whole = train(_cfg(toy_data, tiny_model, tmp_path / "whole", method="jt", epochs=3), log=lambda *_: None)
+    assert [e["dev"]["f1"] for e in res["epochs"]] == [e["dev"]["f1"] for e in whole["epochs"]]
+    assert res["best_epoch"] == whole["best_epoch"]
+    assert res["test"] == whole["test"]
+
+
+def test_test_set_is_evaluated_once_on_the_best_dev_epochs_weights(toy_data, tiny_model, tmp_path, monkeypatch):
+    import metaxl.train as tr
+
+    real = tr.evaluate
+    dev_f1 = [50.0, 70.0, 60.0]  # epoch 2 is the best; epoch 3 trains further and is worse
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def scripted(model, *a, **k):
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        metrics, pred = real(model, *a, **k)
+        i = len(seen) - 1
+        metrics["f1"] = dev_f1[i] if i < len(dev_f1) else 42.0
+        return metrics, pred
+
+    monkeypatch.setattr(tr, "evaluate", scripted)
+    res = train(_cfg(toy_data, tiny_model, tmp_path / "run", method="metaxl", epochs=3), log=lambda *_: None)
+    assert len(seen) == 4, "expected one dev evaluation per epoch and one test evaluation"
+    assert res["best_epoch"] == 2 and res["dev"]["f1"] == 70.0 and res["test"]["f1"] == 42.0
+    head = "classifier.weight"
+    assert not torch.equal(seen[1][head], seen[2][head])  # epoch 3 changed the weights...
+    for name, value in seen[1].items():  # ...and the test set saw epoch 2's
+        torch.testing.assert_close(seen[3][name], value, rtol=0, atol=0, msg=name)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint")
+    torch.testing.assert_close(dict(saved.model.named_parameters())[head], seen[1][head], rtol=0, atol=0)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "metaxl.json").read_text())["epoch"] == 2
+
+
+def test_prediction_batches_by_length_keep_the_input_order(tiny_model):
+    from metaxl.models import load_model
+    from metaxl.train import predict_features
+
+    model = load_model(str(tiny_model), "ner", ["O", "B-PER", "I-PER"])
+    gen = torch.Generator().manual_seed(0)
+    feats = []
+    for n in (3, 9, 2, 7, 7, 12, 4):
+        ids = torch.randint(5, 100, (n,), generator=gen).tolist()
+        feats.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [0] * n})
+    alone = [predict_features(model, [f], 0, 1, torch.device("cpu"))[0] for f in feats]
+    batched = predict_features(model, feats, 0, 3, torch.device("cpu"))
+    assert [t.shape[0] for t in batched] == [3, 9, 2, 7, 7, 12, 4]
+    for a, b in zip(alone, batched, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_fail_before_writing(toy_data, tiny_model, tmp_path, capsys):
