@@ -59,3 +59,18 @@ def test_parse_variant():
     for bad in ("jt-fd", "jt-dense-emb", "jt-reuse", "metaxl-sparse"):
         with pytest.raises(SystemExit):
             sc.parse_variant(bad)
+
+
+def test_eval_cost_smoke(tiny_model, toy_data, tmp_path, capsys):
+    """benchmarks/eval_cost.py: both batchings give the same predictions; sorting never pads more."""
+    spec = importlib.util.spec_from_file_location("eval_cost", REPO / "benchmarks" / "eval_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "eval.json"
+    res = module.main(["--model", str(tiny_model), "--data", str(toy_data / "ner-tgt"), "--split", "test",
+                       "--batch-size", "4", "--rounds", "1", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["examples"] == res["examples"] > 4
+    assert res["same_predictions"] == res["examples"] and res["max_abs_logit_diff"] < 1e-4
+    given, by_length = res["ways"]["given order"], res["ways"]["length-sorted"]
+    assert res["real_tokens"] <= by_length["padded_tokens"] <= given["padded_tokens"]
+    assert "length-sorted" in capsys.readouterr().out
