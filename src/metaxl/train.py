@@ -146,14 +146,15 @@ def predict_features(model: Any, features: list[dict[str, Any]], pad_id: int, ba
     """Logits for every feature, in the order given (one tensor per example, padding removed).
 
     Batches are formed from length-sorted features so that a batch pads to lengths close to its
-    own (NER dev/test sets mix 5- and 120-token sentences; in given order a batch of 64 pads to its
-    longest, about 3x the work). Padding is masked, so the logits do not depend on the batching.
+    own (NER dev/test sets mix 5- and 120-token sentences; in given order batches of 64 pad
+    MasakhaNER bam dev to 2.1x its real tokens, sorted to 1.1x: ``benchmarks/eval_cost.py``).
+    Padding is masked, so the logits do not depend on the batching.
     """
     from .tasks import collate
 
     model.eval()
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]), reverse=True)
-    out: list[torch.Tensor | None] = [None] * len(features)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(features)  # every slot is filled below
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         batch = collate([features[j] for j in idx], pad_id)
@@ -163,7 +164,7 @@ def predict_features(model: Any, features: list[dict[str, Any]], pad_id: int, ba
             logits = model(**batch).logits.float().cpu()
         for row, j in enumerate(idx):
             out[j] = logits[row, : len(features[j]["input_ids"])] if logits.dim() == 3 else logits[row]
-    return [t for t in out if t is not None]
+    return out
 
 
 def evaluate(model: Any, task: str, examples: list[Any], features: list[dict[str, Any]], labels: list[str],
@@ -433,8 +434,6 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
 
                 save_file({k: v.contiguous() for k, v in best.rtn.items()}, str(out / "rtn.safetensors"))
         log(f"test f1 {test_metrics['f1']:.2f} (best dev epoch {results['best_epoch']})  [{time.time() - t0:.0f}s]")
-    elif results["test"] is None:  # pragma: no cover - a run always has a best epoch
-        raise RuntimeError("no epoch was evaluated")
 
     results["status"] = "finished"
     results["wall_seconds"] = elapsed_before + time.time() - t_start
