@@ -35,6 +35,7 @@ RUNS=(  # in order of priority; finished ones are skipped
   "meta-batch-separate --meta-batch separate"
   "reference-metaxl-cpu-seed2 --seed 2"  # the finite-difference lead on a second seed (sample and init):
   "hypergrad-fd-seed2 --hypergrad finite-difference --seed 2"  # does it again beat the exact mixed term?
+  "reference-jt-cpu-seed2 --method jt --seed 2"  # and JT on that seed
   "meta-lr-1e-5 --meta-lr 1e-5"
 )
 # several workers (e.g. one per core) share the list: each takes the next run no one has taken
