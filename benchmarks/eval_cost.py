@@ -14,10 +14,7 @@ which does not depend on the machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -80,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from metaxl.tasks import encode, reconcile_labels
     from metaxl.train import predict_features
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from step_cost import machine_info  # the machine described as step_cost.py describes it
+
     corpus = resolve_dataset(args.data, None, sa_labels=args.sa_labels)
     examples = corpus.load(args.split)[: args.limit]
     labels = reconcile_labels(corpus.task, examples, [])
@@ -103,14 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
     base = statistics.median(times["given order"])
+    info = machine_info(device)
     res: dict[str, Any] = {
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu})",
-        "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": info["device_name"], "cores": info["cores"], "torch_threads": info["torch_threads"],
+        "torch": info["torch"], "transformers": info["transformers"],
         "model": args.model, "data": f"{args.data} {args.split}", "examples": len(feats),
         "real_tokens": sum(lengths), "batch_size": args.batch_size,
         "ways": {}, "max_abs_logit_diff": diff, "same_predictions": same_argmax,
@@ -143,4 +140,4 @@ def report(res: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()
