@@ -27,10 +27,12 @@ from metaxl.sweep import (
     effective_config,
     expand_sweep,
     load_sweep,
+    parse_only,
     read_failed_marker,
     register_cli,
     run_status,
     run_sweep,
+    select_runs,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -544,3 +546,53 @@ def test_save_state_does_not_change_a_runs_identity(tmp_path: Path, fake_train: 
                       progress=False, out=io.StringIO())
     assert (again.total, again.finished_before) == (2, 1)
     assert len(launches_by_dir(fake_train)) == 2
+
+
+def test_only_selects_a_slice_and_the_rest_continues_later(tmp_path: Path, fake_train: Path) -> None:
+    """--only runs a slice of the grid (one target, some seeds); the full sweep then runs only the rest."""
+    data = {"base": {"epochs": 1},
+            "grid": {"targets": ["masakhaner2:luo", "masakhaner2:wol"], "sources": ["masakhaner2:en", "related"],
+                     "methods": ["target-only", "jt"], "seeds": [1, 2, 3]}}
+    cfg = write_sweep(tmp_path / "sweep.yaml", data)
+    runs_dir = tmp_path / "runs"
+    out = io.StringIO()
+    outcome = run_sweep(cfg, runs_dir=runs_dir, only=["targets=masakhaner2:luo", "seed=2,3"],
+                        related=fake_related, progress=False, out=out)
+    # luo: target-only + jt(en) + jt(related = swa), seeds 2 and 3
+    assert (outcome.total, outcome.finished, outcome.exit_code) == (6, 6, 0)
+    text = out.getvalue()
+    assert "--only targets=masakhaner2:luo seed=2,3: 6 of 15" in text
+    ran = launches_by_dir(fake_train)
+    assert all("masakhaner2-luo" in d and not d.endswith("seed1") for d in ran) and len(ran) == 6
+
+    # the selection matches `related` as written and as resolved
+    again = run_sweep(cfg, runs_dir=runs_dir, only=["source=related", "seed=2"], related=fake_related,
+                      dry_run=True, progress=False, out=io.StringIO())
+    assert (again.total, again.finished_before) == (2, 1)  # luo's jt(swa) seed 2 finished, wol's jt(en) not
+    resolved = run_sweep(cfg, runs_dir=runs_dir, only=["source=masakhaner2:swa"], related=fake_related,
+                         dry_run=True, progress=False, out=io.StringIO())
+    assert resolved.total == 3
+
+    full = run_sweep(cfg, runs_dir=runs_dir, related=fake_related, progress=False, out=io.StringIO())
+    assert (full.total, full.finished_before, full.finished) == (15, 6, 9)  # wol: jt(related) is jt(en)
+    assert sum(launches_by_dir(fake_train).values()) == 15  # no run twice
+
+
+def test_only_errors_name_the_fix() -> None:
+    runs = expand_sweep({"grid": {"targets": ["nusax:balinese"], "methods": ["jt", "metaxl"],
+                                  "sources": ["nusax:english", ["nusax:english", "nusax:indonesian"]],
+                                  "rtn_layers": [12, [0, 12]]}})
+    assert len(select_runs(runs, parse_only(["source=nusax:english+nusax:indonesian"]))) == 3
+    assert len(select_runs(runs, parse_only(["method=metaxl", "rtn_layers=0+12"]))) == 2
+    assert len(select_runs(runs, parse_only(["rtn_layers=12,0+12", "method=metaxl"]))) == 4
+    assert select_runs(runs, {}) == runs
+    with pytest.raises(ConfigError, match="its values are method: 'jt', 'metaxl'"):
+        select_runs(runs, parse_only(["method=jt-rtn"]))
+    with pytest.raises(ConfigError, match="unknown key 'tgt'"):
+        parse_only(["tgt=nusax:balinese"])
+    with pytest.raises(ConfigError, match="write KEY=VALUE"):
+        parse_only(["nusax:balinese"])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_only(["seed=1", "seeds=2"])
+    with pytest.raises(ConfigError, match="seed='x' is not a valid int"):
+        parse_only(["seed=x"])

@@ -204,6 +204,8 @@ class PlannedRun:
     config: TrainConfig
     axes: dict[str, Any] = field(default_factory=dict)
     """The grid values as written (``source: 'related'`` stays 'related')."""
+    merged: list[dict[str, Any]] = field(default_factory=list)
+    """The grid values of combinations merged into this run (same effective config)."""
 
     def directory(self, runs_dir: str | Path) -> Path:
         return Path(runs_dir) / self.name
@@ -568,7 +570,7 @@ def expand_sweep(
         return out
 
     runs: list[PlannedRun] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, PlannedRun] = {}
     errors: list[str] = []
     for combo in itertools.product(*(vals for _, vals in axes)):
         stats.combinations += 1
@@ -603,9 +605,10 @@ def expand_sweep(
         h = config_hash(cfg)
         if h in seen:
             stats.duplicates += 1
+            seen[h].merged.append(raw)
             continue
-        seen[h] = desc
-        runs.append(PlannedRun(name=run_name(cfg, extra_keys), config=cfg, axes=raw))
+        seen[h] = PlannedRun(name=run_name(cfg, extra_keys), config=cfg, axes=raw)
+        runs.append(seen[h])
     if errors:
         shown = "; ".join(errors[:5]) + (f"; ... {len(errors) - 5} more" if len(errors) > 5 else "")
         raise ConfigError(f"{where}: invalid run config(s): {shown}. Fix base:/grid: or add exclude: rules")
@@ -618,6 +621,71 @@ def expand_sweep(
             for r in group:
                 r.name = f"{name}-{r.config_hash}"
     return runs
+
+
+def parse_only(options: Sequence[str]) -> dict[str, list[Any]]:
+    """``--only KEY=V1,V2`` options -> one selection rule, in the form of a compiled exclude rule.
+
+    A run is selected when it matches every key; the comma-separated values of one key are
+    alternatives. For the list-valued keys a ``+`` joins one value's items: ``source=a+b`` is the
+    two-source setting, ``rtn_layers=0+12`` the two-RTN one. Keys are those of ``exclude:`` rules
+    (TrainConfig keys and the plural grid names).
+
+    >>> parse_only(["targets=nusax:balinese", "seed=2,3", "rtn_layers=12,0+12"])
+    {'target': ['nusax:balinese'], 'seed': [2, 3], 'rtn_layers': [[12], [0, 12]]}
+    """
+    fields = set(TrainConfig.field_names())
+    rule: dict[str, list[Any]] = {}
+    for opt in options:
+        key, sep, text = opt.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key or not text:
+            raise ConfigError(f"--only {opt!r}: write KEY=VALUE[,VALUE...], e.g. --only target=nusax:balinese")
+        fname = GRID_ALIASES.get(key, key)
+        if fname not in fields:
+            raise ConfigError(
+                f"--only {opt!r}: unknown key {key!r}; use a TrainConfig key or grid name "
+                "(target, source, method, source_size, rtn_layers, seed, sa_labels, ...)"
+            )
+        if fname in rule:
+            raise ConfigError(f"--only: {key!r} given twice; list its alternatives once: {key}=A,B")
+        alternatives = [a.strip() for a in text.split(",") if a.strip()]
+        if fname in ("source", "rtn_layers"):
+            value: Any = [[x.strip() for x in a.split("+")] for a in alternatives]
+        else:
+            value = alternatives
+        rule[fname] = _rule_values(fname, value, f"--only {key}")
+    return rule
+
+
+def select_runs(runs: list[PlannedRun], rule: dict[str, list[Any]]) -> list[PlannedRun]:
+    """The runs that match a :func:`parse_only` rule (by the grid value as written or as resolved).
+
+    Raises :class:`ConfigError` naming the values the sweep has when the rule selects nothing.
+
+    >>> runs = expand_sweep({"grid": {"targets": ["nusax:balinese", "nusax:acehnese"],
+    ...                               "methods": ["target-only"], "seeds": [1, 2, 3]}})
+    >>> [r.name for r in select_runs(runs, parse_only(["target=nusax:acehnese", "seed=2"]))]
+    ['sa/nusax-acehnese/target-only/seed2']
+    """
+    if not rule:
+        return list(runs)
+    def matches(r: PlannedRun) -> bool:
+        eff = effective_config(r.config)
+        for axes in (r.axes, *r.merged):  # a grid value the run's method ignores cannot select it
+            written = {k: v for k, v in axes.items() if key_matters(k, r.config.method)}
+            if _excluded([rule], written, eff):
+                return True
+        return False
+
+    chosen = [r for r in runs if matches(r)]
+    if not chosen and runs:
+        seen = []
+        for key in rule:
+            vals = sorted({repr(_norm_for_match(key, effective_config(r.config)[key])) for r in runs})
+            seen.append(f"{key}: {', '.join(vals[:12])}{' ...' if len(vals) > 12 else ''}")
+        raise ConfigError(f"--only selects none of the sweep's {len(runs)} runs; its values are {'; '.join(seen)}")
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1113,6 +1181,7 @@ def run_sweep(
     backend: str = "local",
     dry_run: bool = False,
     retry_failed: bool = False,
+    only: Sequence[str] = (),
     train_command: Sequence[str] | str | None = None,
     related: RelatedFn | None = None,
     num_cpus: float | None = None,
@@ -1124,7 +1193,8 @@ def run_sweep(
     """Plan and run a sweep; returns counts (``outcome.exit_code``: 0 ok, 1 failures, 130 interrupted).
 
     Finished runs are skipped, unfinished ones relaunched with ``--resume``, failed ones only with
-    ``retry_failed``. SIGINT/SIGTERM stop the sweep: children are terminated, the state is saved.
+    ``retry_failed``. ``only`` (``["target=nusax:balinese", "seed=2,3"]``, see :func:`parse_only`)
+    restricts everything, the plan included, to the matching runs. SIGINT/SIGTERM stop the sweep: children are terminated, the state is saved.
 
     >>> outcome = run_sweep("examples/sweeps/ner_masakhaner.yaml", dry_run=True)  # doctest: +SKIP
     >>> outcome.total                                                                # doctest: +SKIP
@@ -1140,7 +1210,9 @@ def run_sweep(
     else:
         spec, sweep_name = load_sweep(sweep), str(sweep)
     stats = ExpansionStats()
-    runs = expand_sweep(spec, related=related, stats=stats)
+    rule = parse_only(only)
+    all_runs = expand_sweep(spec, related=related, stats=stats)
+    runs = select_runs(all_runs, rule)
     if runs_dir is None:
         runs_dir = spec.runs_dir or str(Path("runs") / (spec.name or "sweep"))
     rdir = Path(runs_dir).absolute()
@@ -1175,8 +1247,9 @@ def run_sweep(
     outcome = SweepOutcome(total=len(runs), finished_before=n_fin, runs_dir=str(rdir))
     outcome.skipped_failed = 0 if retry_failed else n_failed
     print(
-        f"sweep {sweep_name}: {len(runs)} runs ({stats.combinations} grid combinations, "
-        f"{stats.duplicates} duplicates merged, {stats.excluded} excluded) in {rdir}",
+        f"sweep {sweep_name}: {len(all_runs)} runs ({stats.combinations} grid combinations, "
+        f"{stats.duplicates} duplicates merged, {stats.excluded} excluded) in {rdir}"
+        + (f"; --only {' '.join(only)}: {len(runs)} of {len(all_runs)}" if rule else ""),
         file=out,
     )
     fail_note = "" if retry_failed or not n_failed else " (skipped; --retry-failed re-runs them)"
@@ -1300,6 +1373,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         backend=args.backend,
         dry_run=args.dry_run,
         retry_failed=args.retry_failed,
+        only=args.only or (),
         num_cpus=args.ray_num_cpus,
         num_gpus=args.ray_num_gpus,
         progress=not args.no_progress,
@@ -1335,6 +1409,14 @@ def register_cli(subparsers: Any) -> None:
         "--dry-run", action="store_true", help="print the plan and each run's status; launch nothing"
     )
     p.add_argument("--retry-failed", action="store_true", help="also re-run runs that failed before")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="run (and plan) only the runs matching KEY, one of the comma-separated values; repeat for "
+        "several keys, all must match (e.g. --only target=nusax:balinese --only seed=2,3; a+b is one "
+        "multi-source or multi-layer value)",
+    )
     p.add_argument(
         "--ray-num-cpus", type=float, default=None, help="CPUs per Ray task (default: ray.num_cpus or 1)"
     )
