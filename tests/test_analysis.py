@@ -329,6 +329,25 @@ def test_sa_left_padding_uses_first_real_token(sa_model, tokenizer) -> None:  # 
     assert not torch.allclose(vecs[1], hs[1, 0], atol=1e-3)  # not the pad position
 
 
+def test_batches_are_length_sorted_and_vectors_keep_the_input_order(ner_model, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Long and short sentences alternate: sorted batches pad less, and the vectors stay in input order."""
+    sents = [["the"] * 12, ["a"], ["dog"] * 12, ["cat"], ["the", "mat"] * 6, ["dog"]]
+    widths: list[int] = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config = ner_model, ner_model.config
+
+        def forward(self, **kw):  # type: ignore[no-untyped-def]
+            widths.append(kw["input_ids"].shape[1])
+            return self.inner(**kw)
+
+    vecs = collect_representations(Spy().eval(), tokenizer, "ner", sents, layer=2, batch_size=3)
+    assert widths == [3, 14]  # in the given order both batches would pad to 14 tokens
+    torch.testing.assert_close(vecs, reference_ner(ner_model, tokenizer, sents, 2), atol=1e-5, rtol=1e-5)
+
+
 def test_base_model_and_train_mode_restored(tokenizer) -> None:  # type: ignore[no-untyped-def]
     from transformers import BertModel
 

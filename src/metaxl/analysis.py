@@ -273,6 +273,8 @@ def collect_representations(
     ``device`` moves the model there (None: leave it where it is). ``transform`` (e.g. a trained
     RTN, token-wise) is applied to the hidden states of ``layer`` before gathering.
     ``max_vectors`` keeps a deterministic (``seed``) random subset, in the original order.
+    Batches are formed from length-sorted inputs (less padding); the vectors come back in the
+    order of the inputs.
     Returns a float32 CPU tensor ``[n_vectors, hidden_size]``.
 
     >>> vecs = collect_representations(model, tok, "ner", [["Kampala", "is", "big"]])  # doctest: +SKIP
@@ -298,19 +300,23 @@ def collect_representations(
         run_device = torch.device("cpu")
     from tqdm.auto import tqdm
 
-    chunks: list[torch.Tensor] = []
+    # Empty word lists have no vectors (and the tokenizer may reject them).
+    keep_idx = [i for i, x in enumerate(inputs) if not (task == "ner" and not x)]
+    # Length-sorted batches pad to lengths close to their own; vectors go back to the given order.
+    lengths = tokenizer(
+        [inputs[i] for i in keep_idx], is_split_into_words=(task == "ner"), truncation=True,
+        max_length=max_length,
+    )["input_ids"] if keep_idx else []
+    order = [keep_idx[j] for j in sorted(range(len(keep_idx)), key=lambda j: len(lengths[j]))]
+    per_input: dict[int, torch.Tensor] = {}
     was_training = bool(getattr(model, "training", False))
     model.eval()
     try:
         with torch.no_grad():
-            starts = range(0, len(inputs), batch_size)
+            starts = range(0, len(order), batch_size)
             for start in tqdm(starts, desc=desc or f"encoding ({task})", disable=not progress, leave=False):
-                batch = inputs[start : start + batch_size]
-                # Empty word lists have no vectors; the tokenizer may reject them.
-                if task == "ner":
-                    batch = [words for words in batch if words]
-                    if not batch:
-                        continue
+                idx = order[start : start + batch_size]
+                batch = [inputs[i] for i in idx]
                 enc = tokenizer(
                     batch,
                     is_split_into_words=(task == "ner"),
@@ -332,27 +338,24 @@ def collect_representations(
                 if transform is not None:
                     hidden = transform(hidden)
                 if task == "ner":
-                    rows, cols = [], []
-                    for b in range(len(batch)):
-                        previous = None
+                    for b, i in enumerate(idx):
+                        previous, cols = None, []
                         for pos, wid in enumerate(enc.word_ids(b)):
                             if wid is not None and wid != previous:
-                                rows.append(b)
                                 cols.append(pos)
                             previous = wid
-                    if rows:
-                        r = torch.tensor(rows, device=hidden.device)
-                        c = torch.tensor(cols, device=hidden.device)
-                        chunks.append(hidden[r, c].float().cpu())
+                        if cols:
+                            per_input[i] = hidden[b, torch.tensor(cols, device=hidden.device)].float().cpu()
                 else:
                     mask = enc["attention_mask"].to(hidden.device)
                     first = mask.argmax(dim=1)  # first real token, also with left padding
-                    chunks.append(
-                        hidden[torch.arange(hidden.shape[0], device=hidden.device), first].float().cpu()
-                    )
+                    rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), first].float().cpu()
+                    for b, i in enumerate(idx):
+                        per_input[i] = rows[b : b + 1]
     finally:
         model.train(was_training)
 
+    chunks = [per_input[i] for i in sorted(per_input)]
     hidden_size = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
     vectors = torch.cat(chunks) if chunks else torch.zeros(0, hidden_size)
     if max_vectors is not None and vectors.shape[0] > max_vectors:
