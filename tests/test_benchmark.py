@@ -74,3 +74,21 @@ def test_eval_cost_smoke(tiny_model, toy_data, tmp_path, capsys):
     given, by_length = res["ways"]["given order"], res["ways"]["length-sorted"]
     assert res["real_tokens"] <= by_length["padded_tokens"] <= given["padded_tokens"]
     assert "length-sorted" in capsys.readouterr().out
+
+
+def test_train_batching_smoke(tiny_model, toy_data, tmp_path, capsys):
+    """benchmarks/train_batching.py: real epochs each way; grouping never pads more than shuffling."""
+    spec = importlib.util.spec_from_file_location("train_batching", REPO / "benchmarks" / "train_batching.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "batching.json"
+    res = module.main(["--model", str(tiny_model), "--target", str(toy_data / "ner-tgt"),
+                       "--source", str(toy_data / "ner-src"), "--target-size", "16", "--source-size", "24",
+                       "--batch-size", "4", "--max-length", "32", "--rounds", "1", "--shuffles", "3", "--threads", "1",
+                       "--json", str(out)])
+    assert json.loads(out.read_text())["method"] == "jt"
+    shuffled, grouped = res["ways"]["shuffled"], res["ways"]["grouped"]
+    assert len(shuffled["times_s"]) == len(grouped["times_s"]) == 1 and grouped["median_s"] > 0
+    for role in ("target", "source"):
+        assert 1.0 <= grouped["padding"][role] < shuffled["padding"][role]
+    assert "padded/real source" in capsys.readouterr().out

@@ -242,3 +242,42 @@ def test_no_state_saved_without_save_state_and_data_seed_none_follows_the_seed(t
 
     assert sample(data_seed=None, seed=1) == sample(data_seed=1, seed=5)
     assert sample(data_seed=None, seed=1) != sample(data_seed=None, seed=2)
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_example():
+    from metaxl.train import GROUP_CHUNK, batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 120, (1237,), generator=g).tolist()
+    feats = [{"input_ids": [7] * n, "i": i} for i, n in enumerate(lengths)]
+
+    def padded(bs):
+        return sum(max(len(f["input_ids"]) for f in b) * len(b) for b in bs)
+
+    plain = list(batches(feats, 10, torch.Generator().manual_seed(1)))
+    grouped = list(batches(feats, 10, torch.Generator().manual_seed(1), group_by_length=True))
+    again = list(batches(feats, 10, torch.Generator().manual_seed(1), group_by_length=True))
+    assert [[f["i"] for f in b] for b in grouped] == [[f["i"] for f in b] for b in again]  # seeded
+    assert sorted(f["i"] for b in grouped for f in b) == list(range(len(feats)))  # each example once
+    assert len(grouped) == len(plain) == 124  # chunks of 500 = 50 whole batches: steps per epoch unchanged
+    assert padded(grouped) < 1.1 * sum(lengths) < 0.65 * padded(plain)
+    assert sorted(len(b) for b in grouped)[:2] == [7, 10]  # one partial batch, as without grouping
+    # shuffled: neither the batches nor the examples inside a batch come in length order
+    firsts = [max(len(f["input_ids"]) for f in b) for b in grouped]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    inside = [len(f["input_ids"]) for b in grouped for f in b[:2]]
+    assert any(a < b for a, b in zip(inside[::2], inside[1::2], strict=True))
+    assert any(a > b for a, b in zip(inside[::2], inside[1::2], strict=True))
+    assert GROUP_CHUNK == 50
+    # the default is untouched: the seeded permutation cut in order
+    perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(1)).tolist()
+    assert [[f["i"] for f in b] for b in plain] == [perm[i : i + 10] for i in range(0, len(perm), 10)]
+
+
+@pytest.mark.parametrize("method", ["target-only", "metaxl"])
+def test_group_by_length_trains(toy_data, tiny_model, tmp_path, method):
+    res = train(_cfg(toy_data, tiny_model, tmp_path / "run", method=method, group_by_length=True), log=lambda *_: None)
+    assert res["status"] == "finished" and res["config"]["group_by_length"] is True
+    assert res["epochs"][0]["steps"] == (2 if method == "target-only" else 3)
+    plain = train(_cfg(toy_data, tiny_model, tmp_path / "plain", method=method), log=lambda *_: None)
+    assert res["epochs"][0]["train_loss"] != plain["epochs"][0]["train_loss"]  # other batches were drawn

@@ -91,6 +91,10 @@ class TrainConfig:
     batch_size: int = 10
     target_batch_size: int | None = None
     """Target batch size (None: batch_size)."""
+    group_by_length: bool = False
+    """Training batches of similar lengths (sorted within chunks of 50 batches, batch order
+    shuffled): about half the padded tokens, faster steps where compute is the bottleneck (CPU);
+    batches are less random than the default's (opt-in)."""
     lr: float = 3e-5
     meta_lr: float = 1e-6
     head_lr: float | None = None

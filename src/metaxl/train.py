@@ -108,19 +108,45 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     return PreparedData(task, labels, target_train, sources, dev, test, source_names)
 
 
+GROUP_CHUNK = 50
+"""``group_by_length``: batches are formed within chunks of this many batches."""
+
+
 def batches(features: list[dict[str, Any]], batch_size: int, generator: torch.Generator,
-            shuffle: bool = True) -> Iterator[list[dict[str, Any]]]:
-    """One pass over ``features`` in batches (shuffled with ``generator``)."""
-    order = torch.randperm(len(features), generator=generator).tolist() if shuffle else range(len(features))
-    order = list(order)
-    for i in range(0, len(order), batch_size):
-        yield [features[j] for j in order[i : i + batch_size]]
+            shuffle: bool = True, group_by_length: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """One pass over ``features`` in batches (shuffled with ``generator``).
+
+    ``group_by_length``: the shuffled order is cut into chunks of ``GROUP_CHUNK`` batches, each
+    chunk sorted by length into batches of similar lengths, and the batches (and the examples in
+    each) are shuffled, so a batch pads to about its own lengths.
+
+    >>> feats = [{"input_ids": [0] * n} for n in (9, 2, 8, 3, 7, 1)]
+    >>> [sorted(len(f["input_ids"]) for f in b)
+    ...  for b in batches(feats, 2, torch.Generator().manual_seed(0), group_by_length=True)]
+    [[8, 9], [1, 2], [3, 7]]
+    """
+    order = torch.randperm(len(features), generator=generator).tolist() if shuffle else list(range(len(features)))
+    if not group_by_length:
+        for i in range(0, len(order), batch_size):
+            yield [features[j] for j in order[i : i + batch_size]]
+        return
+    groups: list[list[int]] = []
+    span = batch_size * GROUP_CHUNK
+    for c in range(0, len(order), span):
+        chunk = sorted(order[c : c + span], key=lambda j: len(features[j]["input_ids"]), reverse=True)
+        groups += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if shuffle:  # batch order, and the order inside a batch (MetaXL splits a target batch in halves)
+        groups = [groups[g] for g in torch.randperm(len(groups), generator=generator).tolist()]
+        groups = [[group[k] for k in torch.randperm(len(group), generator=generator).tolist()] for group in groups]
+    for group in groups:
+        yield [features[j] for j in group]
 
 
-def cycle(features: list[dict[str, Any]], batch_size: int, generator: torch.Generator) -> Iterator[list[dict[str, Any]]]:
+def cycle(features: list[dict[str, Any]], batch_size: int, generator: torch.Generator,
+          group_by_length: bool = False) -> Iterator[list[dict[str, Any]]]:
     """Endless shuffled batches: the target set cycles while epochs run over the source set."""
     while True:
-        yield from batches(features, batch_size, generator)
+        yield from batches(features, batch_size, generator, group_by_length=group_by_length)
 
 
 def theta_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -332,7 +358,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     if dist.is_main:
         write_json(out / "results.json", results)
 
-    tgt_iter = cycle(tgt_feats, cfg.tgt_batch_size, gen)
+    tgt_iter = cycle(tgt_feats, cfg.tgt_batch_size, gen, cfg.group_by_length)
     t_start = time.time()
 
     def to_dev(feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -363,7 +389,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
                 (None, None) for _ in range(steps_per_epoch)
             ]
         else:
-            plan = [(k, b) for k, f in enumerate(src_feats) for b in batches(f, cfg.batch_size, gen)]
+            plan = [(k, b) for k, f in enumerate(src_feats) for b in batches(f, cfg.batch_size, gen, group_by_length=cfg.group_by_length)]
             order = torch.randperm(len(plan), generator=gen).tolist() if len(src_feats) > 1 else range(len(plan))
             plan = [plan[i] for i in order]
         bar = tqdm(plan, desc=f"epoch {epoch}/{total_epochs} {learner.method}",
