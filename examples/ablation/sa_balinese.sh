@@ -2,7 +2,8 @@
 # One-factor-at-a-time variations of the study's MetaXL run on NusaX balinese <- indonesian (binary,
 # seed 1): the settings docs/results.md reports under "What was tried" (meta lr, inner lr, RTN layer
 # and variant, meta-batch split, a per-group virtual-step lr) and the cost options of docs/performance.md (finite differences,
-# a virtual step limited to the upper layers, trained word embeddings, the source gradient reused). Each run changes one thing
+# a virtual step limited to the upper layers, trained word embeddings, the source gradient reused,
+# training batches grouped by length). Each run changes one thing
 # from examples/sweeps/study_sa.yaml's MetaXL run; results land in results/ablation/<name>/results.json.
 #   bash examples/ablation/sa_balinese.sh     # 35-50 min per run on one CPU core, ~2 min on a GPU
 #   bash examples/ablation/sa_balinese.sh &   # again, for a second worker (e.g. on the second core)
@@ -37,6 +38,8 @@ RUNS=(  # in order of priority; finished ones are skipped
   "hypergrad-fd-seed2 --hypergrad finite-difference --seed 2"  # does it again beat the exact mixed term?
   "reference-jt-cpu-seed2 --method jt --seed 2"  # and JT on that seed
   "meta-lr-1e-5 --meta-lr 1e-5"
+  "group-by-length --group-by-length"  # the opt-in batching of docs/performance.md: does accuracy move?
+  "jt-group-by-length --method jt --group-by-length"
 )
 # several workers (e.g. one per core) share the list: each takes the next run no one has taken
 for r in "${RUNS[@]}"; do run $r; done
