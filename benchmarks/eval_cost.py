@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the machine described as step_cost.py describes it
+from step_cost import add_machine_args, machine_fields, machine_line, parse_with_machine_args  # noqa: E402
+
 
 def in_given_order(model: Any, features: list[dict[str, Any]], pad_id: int, batch_size: int,
                    device: torch.device) -> list[torch.Tensor]:
@@ -62,23 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="as metaxl train --eval-batch-size")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, help="also write the figures here")
-    return p.parse_args(argv)
+    add_machine_args(p)
+    return parse_with_machine_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from metaxl.data import resolve_dataset
     from metaxl.models import load_model, load_tokenizer
     from metaxl.tasks import encode, reconcile_labels
     from metaxl.train import predict_features
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from step_cost import machine_info  # the machine described as step_cost.py describes it
 
     corpus = resolve_dataset(args.data, None, sa_labels=args.sa_labels)
     examples = corpus.load(args.split)[: args.limit]
@@ -104,11 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fn()
             times[name].append(time.perf_counter() - t)
     base = statistics.median(times["given order"])
-    info = machine_info(device)
     res: dict[str, Any] = {
-        "machine": info["device_name"], "cores": info["cores"], "torch_threads": info["torch_threads"],
-        "torch": info["torch"], "transformers": info["transformers"],
-        "model": args.model, "data": f"{args.data} {args.split}", "examples": len(feats),
+        **machine_fields(device), "model": args.model, "data": f"{args.data} {args.split}", "examples": len(feats),
         "real_tokens": sum(lengths), "batch_size": args.batch_size,
         "ways": {}, "max_abs_logit_diff": diff, "same_predictions": same_argmax,
     }
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def report(res: dict[str, Any]) -> str:
     lines = [
-        f"machine: {res['machine']}; {res['cores']} cores ({res['torch_threads']} torch threads); torch {res['torch']}",
+        machine_line(res),
         f"model {res['model']}; {res['data']}: {res['examples']} examples, {res['real_tokens']} tokens; "
         f"batch {res['batch_size']}; median of {len(next(iter(res['ways'].values()))['times_s'])} interleaved rounds",
         "",

@@ -542,6 +542,33 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def add_machine_args(p: argparse.ArgumentParser) -> None:
+    """--threads, --device and --json, as the companion scripts (eval_cost.py, train_batching.py) take them."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the figures here")
+
+
+def parse_with_machine_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a companion script's arguments and apply --threads."""
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def machine_fields(device: torch.device) -> dict[str, Any]:
+    """The machine as the companion scripts record it (a subset of :func:`machine_info`)."""
+    info = machine_info(device)
+    return {"machine": info["device_name"], "cores": info["cores"], "torch_threads": info["torch_threads"],
+            "torch": info["torch"], "transformers": info["transformers"]}
+
+
+def machine_line(res: dict[str, Any]) -> str:
+    """First line of a companion script's report, from :func:`machine_fields`' keys."""
+    return f"machine: {res['machine']}; {res['cores']} cores ({res['torch_threads']} torch threads); torch {res['torch']}"
+
+
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the machine described as step_cost.py describes it
+from step_cost import add_machine_args, machine_fields, machine_line, parse_with_machine_args  # noqa: E402
+
 
 def padding_ratio(lengths: list[int], batch_size: int, group_by_length: bool, shuffles: int, seed: int = 0) -> float:
     """Padded tokens / real tokens of the batches ``metaxl.train.batches`` draws, over ``shuffles`` epochs.
@@ -58,24 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1, help="unmeasured epochs first (the epoch time excludes loading)")
     p.add_argument("--shuffles", type=int, default=20, help="epochs over which the padding is counted")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, help="also write the figures here")
-    return p.parse_args(argv)
+    add_machine_args(p)
+    return parse_with_machine_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from metaxl.config import TrainConfig
     from metaxl.data import resolve_dataset, subsample
     from metaxl.models import load_tokenizer
     from metaxl.tasks import encode, reconcile_labels
     from metaxl.train import train
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from step_cost import machine_info  # the machine described as step_cost.py describes it
 
     tokenizer = load_tokenizer(args.model)
     sets = {"target": (args.target, args.target_size)}
@@ -112,10 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, flag in ways.items():
                 times[name].append(epoch(flag, f"{tmp}/{name}{r}"))
     base = statistics.median(times["shuffled"])
-    info = machine_info(torch.device(args.device))
     res: dict[str, Any] = {
-        "machine": info["device_name"], "cores": info["cores"], "torch_threads": info["torch_threads"],
-        "torch": info["torch"], "model": args.model, "method": args.method,
+        **machine_fields(torch.device(args.device)), "model": args.model, "method": args.method,
         "data": f"{args.target} ({args.target_size})"
         + (f" + {args.source} ({args.source_size})" if args.method != "target-only" else ""),
         "batch_size": args.batch_size, "shuffles": args.shuffles, "ways": {},
@@ -133,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def report(res: dict[str, Any]) -> str:
     roles = list(next(iter(res["ways"].values()))["padding"])
     lines = [
-        f"machine: {res['machine']}; {res['cores']} cores ({res['torch_threads']} torch threads); torch {res['torch']}",
+        machine_line(res),
         f"model {res['model']}; {res['method']} on {res['data']}; batch {res['batch_size']}; one epoch, median of "
         f"{len(next(iter(res['ways'].values()))['times_s'])} interleaved rounds; padding over {res['shuffles']} epochs",
         "",
