@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from metaxl.tasks import encode, reconcile_labels
     from metaxl.train import predict_features
 
-
     corpus = resolve_dataset(args.data, None, sa_labels=args.sa_labels)
     examples = corpus.load(args.split)[: args.limit]
     labels = reconcile_labels(corpus.task, examples, [])
