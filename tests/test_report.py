@@ -326,6 +326,19 @@ def test_uneven_seeds_sizes_variants_and_settings(tmp_path: Path) -> None:
         assert (tmp_path / "out" / f"{slug}.csv").exists() and (tmp_path / "out" / f"{slug}.png").exists()
 
 
+def test_average_of_targets_with_different_seed_counts_names_both_counts(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed, v in [(1, 60.0), (2, 62.0), (3, 64.0)]:  # luo: 3 seeds, mean 62
+        write_run(runs, f"luo/{seed}", method="jt", target="masakhaner2:luo", source=["masakhaner2:en"],
+                  seed=seed, f1=v)
+    write_run(runs, "wol/1", method="jt", target="masakhaner2:wol", source=["masakhaner2:en"], seed=1, f1=40.0)
+    res = make_report(runs, tmp_path / "out", related=None)
+    avg = res.tables[0].rows[0].avg
+    assert (avg.mean, avg.n, avg.seed_counts) == (51.0, 1, (1, 3))  # mean of the cell means; ± over seed 1 only
+    rows = md_table(res.markdown_path.read_text(), "NER, source size 1000")
+    assert rows[2] == ["JT (en)", "62.00 ± 2.00 (n=3)", "40.00 (n=1)", "51.00 (n=1–3)"]
+
+
 def test_helpers() -> None:
     c = cell_stats([1.0])
     assert c.n == 1 and c.mean == 1.0 and math.isnan(c.std)

@@ -172,6 +172,9 @@ class Cell:
     values: list[float] = field(default_factory=list)
     partial: bool = False
     """For 'avg': some of the table's targets are missing from this row."""
+    seed_counts: tuple[int, int] | None = None
+    """For 'avg': the fewest and most seeds of the targets it averages (``n`` counts the seeds run on
+    every one of them, the ones its ± is over)."""
 
 
 def cell_stats(values: Sequence[float]) -> Cell:
@@ -587,6 +590,9 @@ def _average(per_target: dict[str, dict[int, _Entry]], cells: dict[str, Cell], t
     common = set.intersection(*(set(per_target[t]) for t in targets)) if targets else set()
     avg = cell_stats([sum(per_target[t][s].value for t in targets) / len(targets) for s in sorted(common)])
     avg.mean = sum(cells[t].mean for t in targets) / len(targets) if targets else math.nan
+    if targets:
+        counts = [cells[t].n for t in targets]
+        avg.seed_counts = (min(counts), max(counts))
     return avg
 
 
@@ -652,7 +658,8 @@ def _cell_text(c: Cell | None, show_n: bool) -> str:
     if c.partial:
         text += " †"
     if show_n:
-        text += f" (n={c.n})"
+        lo, hi = c.seed_counts or (c.n, c.n)
+        text += f" (n={lo})" if lo == hi else f" (n={lo}–{hi})"
     return text
 
 
@@ -819,8 +826,9 @@ def make_report(
     md += [
         "",
         f"Cells: {split} {metric} (percent), mean ± sample std (ddof=1) over seeds; a single seed shows "
-        "the value alone. `avg`: mean over the row's targets (its ± is the std over seeds of the per-seed "
-        "average, for seeds run on every target); † = some targets missing from the row; where a row misses "
+        "the value alone. `avg`: mean over the row's targets of their cells' means (its ± is the std over seeds "
+        "of the per-seed average, for seeds run on every target; its n, or n=a–b, the seeds of the targets "
+        "it averages); † = some targets missing from the row; where a row misses "
         "targets, `avg of the N shared` averages every row over the same N targets, the column to compare.",
         "",
     ]
