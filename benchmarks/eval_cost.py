@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the machine described as step_cost.py describes it
-from step_cost import add_machine_args, machine_fields, machine_line, parse_with_machine_args  # noqa: E402
+from step_cost import machine_fields, machine_line, parse_with_machine_args  # noqa: E402
 
 
 def in_given_order(model: Any, features: list[dict[str, Any]], pad_id: int, batch_size: int,
@@ -65,7 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="as metaxl train --eval-batch-size")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    add_machine_args(p)
     return parse_with_machine_args(p, argv)
 
 

@@ -542,15 +542,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def add_machine_args(p: argparse.ArgumentParser) -> None:
-    """--threads, --device and --json, as the companion scripts (eval_cost.py, train_batching.py) take them."""
+def parse_with_machine_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add --threads, --device and --json (as the companion scripts, eval_cost.py and train_batching.py,
+    take them) to a companion script's parser, parse its arguments and apply --threads."""
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the figures here")
-
-
-def parse_with_machine_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse a companion script's arguments and apply --threads."""
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

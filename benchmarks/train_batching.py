@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the machine described as step_cost.py describes it
-from step_cost import add_machine_args, machine_fields, machine_line, parse_with_machine_args  # noqa: E402
+from step_cost import machine_fields, machine_line, parse_with_machine_args  # noqa: E402
 
 
 def padding_ratio(lengths: list[int], batch_size: int, group_by_length: bool, shuffles: int, seed: int = 0) -> float:
@@ -61,7 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1, help="unmeasured epochs first (the epoch time excludes loading)")
     p.add_argument("--shuffles", type=int, default=20, help="epochs over which the padding is counted")
-    add_machine_args(p)
     return parse_with_machine_args(p, argv)
 
 
