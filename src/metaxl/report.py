@@ -709,8 +709,29 @@ def write_table_csv(table: Table, path: Path) -> None:
             w.writerow(line)
 
 
+def bar_axis_limits(lo: float, hi: float) -> tuple[float, float]:
+    """The bar chart's y range for bars (with their error bars) from ``lo`` to ``hi``: from a multiple
+    of 10 at least 2 below ``lo`` (0 when the bars span 40 points or more, or reach below 10), with
+    room on top for the value labels.
+
+    >>> bar_axis_limits(76.6, 90.1)   # scores close together: the axis starts at 70
+    (70.0, 92.51)
+    >>> bar_axis_limits(5.8, 73.0)    # a wide span: the axis starts at 0
+    (0.0, 81.76)
+    >>> bar_axis_limits(0.0, 0.0)     # nothing learnt anywhere
+    (0.0, 1.0)
+    """
+    if lo < 0 or hi - lo >= 40:
+        bottom = min(0.0, lo)
+    else:
+        bottom = max(0.0, float(math.floor((lo - 2) / 10) * 10))
+    return bottom, round(hi + 0.12 * (hi - bottom), 2) if hi > bottom else bottom + 1.0
+
+
 def plot_table(table: Table, path: Path, ylabel: str) -> None:
-    """Grouped bar chart: targets (+ avg) on x, one bar per setting, error bars = std."""
+    """Grouped bar chart: targets (+ avg) on x, one bar per setting, its value on top, error bars = std
+    over seeds (only where a cell has 2 or more). The y axis starts at a multiple of 10 below the
+    lowest bar (0 when the bars span more than that), so differences of a point or two stay visible."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -725,17 +746,30 @@ def plot_table(table: Table, path: Path, ylabel: str) -> None:
     from matplotlib import colormaps
 
     palette = colormaps["tab10" if nrows <= 10 else "tab20"]  # one colour per row, also past ten rows
+    bars: list[tuple[float, float, float]] = []  # x, mean, std (NaN: one seed)
     for i, row in enumerate(table.rows):
-        xs, ys, errs = [], [], []
+        xs, ys = [], []
         for j, col in enumerate(cols):
             c = (row.avg_shared if table.shared else row.avg) if col == "avg" else row.cells.get(col)
             if c is None or math.isnan(c.mean):
                 continue
             xs.append(j - 0.4 + width * (i + 0.5))
             ys.append(c.mean)
-            errs.append(0.0 if math.isnan(c.std) else c.std)
-        ax.bar(xs, ys, width=width * 0.95, yerr=errs if any(errs) else None, capsize=2, label=row.label,
-               color=palette(i % palette.N))
+            bars.append((xs[-1], c.mean, c.std))
+        ax.bar(xs, ys, width=width * 0.95, label=row.label, color=palette(i % palette.N))
+    spread = [(x, m, s) for x, m, s in bars if not math.isnan(s)]
+    if spread:
+        ax.errorbar([b[0] for b in spread], [b[1] for b in spread], yerr=[b[2] for b in spread],
+                    fmt="none", ecolor="black", elinewidth=1, capsize=2)
+    if bars:
+        lows = [m - (0 if math.isnan(s) else s) for _, m, s in bars]
+        highs = [m + (0 if math.isnan(s) else s) for _, m, s in bars]
+        bottom, top = bar_axis_limits(min(lows), max(highs))
+        ax.set_ylim(bottom, top)
+        if len(bars) <= 60:
+            for (x, m, _), h in zip(bars, highs, strict=True):
+                ax.text(x, h + 0.01 * (top - bottom), f"{m:.1f}", ha="center", va="bottom", fontsize=6.5,
+                        rotation=90)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(names, rotation=30 if len(cols) > 8 else 0)
     ax.set_ylabel(ylabel)
