@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import metaxl.sweep as sweep_mod
 from metaxl.config import TrainConfig
 from metaxl.errors import ConfigError, MetaXLError
 from metaxl.sweep import (
@@ -67,6 +68,8 @@ FAKE_TRAIN = textwrap.dedent(
 
     write("running", epochs=[])
     print("training", cfg["target"], cfg["method"], flush=True)
+    if os.environ.get("FAKE_EPOCH_LINE"):
+        print("epoch 1/2: loss 1.0000  dev f1 50.00  (best)  [1s]", flush=True)
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
     if "fail" in cfg["target"] or os.environ.get("FAKE_FAIL"):
         print("Traceback: something went wrong in", cfg["target"], file=sys.stderr)
@@ -88,6 +91,7 @@ def fake_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FAKE_LAUNCH_LOG", str(launches))
     monkeypatch.delenv("FAKE_SLEEP", raising=False)
     monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.delenv("FAKE_EPOCH_LINE", raising=False)
     return launches
 
 
@@ -312,6 +316,20 @@ def test_runs_failures_and_reruns(tmp_path: Path, fake_train: Path) -> None:
     assert counts[str(bad)] == 2 and counts[str(good)] == 1
     state = json.loads((runs_dir / "sweep_state.json").read_text())
     assert state["runs"]["ner/masakhaner2-failing/jt/src-masakhaner2-en/n1000/seed1"]["launches"] == 2
+
+
+def test_progress_bar_shows_the_running_runs_epochs(
+    tmp_path: Path, fake_train: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FAKE_EPOCH_LINE", "1")  # each fake run logs "epoch 1/2: ..." then sleeps
+    monkeypatch.setenv("FAKE_SLEEP", "1.5")
+    monkeypatch.setattr(sweep_mod, "PROGRESS_EVERY_S", 0.2)
+    cfg = small_sweep(tmp_path, ["masakhaner2:luo", "masakhaner2:wol"])
+    outcome = run_sweep(cfg, runs_dir=tmp_path / "runs", jobs=2, progress=True, out=io.StringIO())
+    assert outcome.finished == 2
+    err = capsys.readouterr().err
+    assert "running=[1/2 1/2] epochs" in err  # both runs, read from their train.log while they ran
+    assert "done=2, failed=0" in err
 
 
 def test_unfinished_runs_are_resumed_and_changed_config_refused(tmp_path: Path, fake_train: Path) -> None:

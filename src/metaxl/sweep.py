@@ -761,6 +761,28 @@ def _config_differences(path: Path, cfg: TrainConfig) -> list[str]:
     return diffs
 
 
+PROGRESS_EVERY_S = 5.0
+"""How often the sweep's progress bar re-reads the running runs' logs for their epochs."""
+_EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+):")
+
+
+def epochs_done(lines: Sequence[str]) -> tuple[int, int] | None:
+    """The last ``epoch K/N:`` line of a run's log (``metaxl train`` prints one per finished epoch)
+    as ``(K, N)``; None before the first.
+
+    >>> epochs_done(["===== launch ...", "epoch 1/10: loss 2.0462  dev f1 50.95  (best)  [266s]",
+    ...              "epoch 2/10: loss 1.1  dev f1 55.00  (best)  [270s]"])
+    (2, 10)
+    >>> epochs_done(["Loading weights: 100%"]) is None
+    True
+    """
+    for line in reversed(lines):
+        m = _EPOCH_LINE.match(line)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None
+
+
 def _log_tail(path: Path, n: int = 20) -> list[str]:
     try:
         with open(path, "rb") as f:
@@ -996,6 +1018,7 @@ class _Runner:
         self.lock = threading.Lock()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.outcome: dict[str, str] = {}
+        self.by_name = {r.name: r for r in runs}
 
     # -- preparing and concluding a run (driver side, shared by both backends) --
     def prepare(self, run: PlannedRun) -> Path:
@@ -1086,11 +1109,15 @@ class _Runner:
         futures: dict[Future[str], PlannedRun] = {pool.submit(self._run_local, r): r for r in self.runs}
         pending = set(futures)
         killed_at: float | None = None
+        shown_at = time.monotonic()
         try:
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 for f in done:
                     self._record(futures[f], f.result(), bar)
+                if time.monotonic() - shown_at > PROGRESS_EVERY_S:  # the running runs' epochs, from their logs
+                    shown_at = time.monotonic()
+                    self._postfix(bar)
                 if self.stop.is_set():
                     if killed_at is None:
                         killed_at = time.monotonic()
@@ -1147,8 +1174,20 @@ class _Runner:
             bar.write(msg, file=self.out)
         if result in ("finished", "failed"):
             bar.update(1)
+        self._postfix(bar)
+
+    def _postfix(self, bar: Any) -> None:
+        """Finished and failed counts, and for each running run (local backend) the epochs its log
+        says are done: ``done=3, failed=0, running=[4/10 1/10]``."""
         counts = {k: sum(1 for v in self.outcome.values() if v == k) for k in ("finished", "failed")}
-        bar.set_postfix(done=counts["finished"], failed=counts["failed"], refresh=True)
+        with self.lock:
+            running = sorted(self.procs)
+        epochs = []
+        for name in running:
+            k_n = epochs_done(_log_tail(self.by_name[name].directory(self.runs_dir) / "train.log", 200))
+            epochs.append(f"{k_n[0]}/{k_n[1]}" if k_n else "0/?")
+        extra = {"running": "[" + " ".join(epochs) + "] epochs"} if epochs else {}
+        bar.set_postfix(done=counts["finished"], failed=counts["failed"], **extra, refresh=True)
 
 
 def _signame(sig: int) -> str:
