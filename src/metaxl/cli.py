@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import register_cli as register_demo
 
     register_demo(sub)
-    for module in ("e5", "sweep", "report", "analysis"):
+    for module in ("e5", "sweep", "report", "analysis", "datainfo"):
         __import__(f"metaxl.{module}", fromlist=["register_cli"]).register_cli(sub)
     return parser
 
