@@ -82,8 +82,10 @@ def test_cli_table_json_and_notes(tmp_path: Path, capsys: pytest.CaptureFixture[
                                 "entity", "types", "/", "labels"]
     train = next(ln for ln in lines if ln.startswith(str(full)) and " train " in ln).split()
     assert train[1:7] == ["train", "3", "3.7", "1.33", "66.7%", "ORG"]
-    assert f"note: {nodev}: no dev split" in out
+    assert f"note: {nodev}: no dev split" in out and f"note: {full}" not in out
     assert f"{full} (train, 2 of 3, seed 1):" in out
+    assert main(["data", str(nodev), "--splits", "dev,test", "--examples", "1"]) == 0
+    assert f"{nodev} (test, 1 of 1, seed 0):\n  ok\n" in capsys.readouterr().out  # the first split read
     table = lines[: lines.index("")]
     assert [ln.split()[1] for ln in table if ln.startswith(str(nodev))] == ["train", "test"]
 
@@ -106,8 +108,10 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "nope" in capsys.readouterr().err
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "test.txt").write_text("ok O\n")
-    assert main(["data", str(tmp_path / "only"), "--splits", "train,dev"]) == 2
-    assert "none of the splits train, dev could be read" in capsys.readouterr().err
+    nodev = write_ner(tmp_path / "nodev", with_dev=False)
+    assert main(["data", str(nodev), str(tmp_path / "only"), "--splits", "train,dev"]) == 2
+    err = capsys.readouterr().err  # names what "only" lacks, not what another data set lacks
+    assert "only: none of the splits train, dev could be read" in err and f"{nodev}: no dev" not in err
 
 
 def test_real_masakhaner_sizes(capsys: pytest.CaptureFixture[str]) -> None:

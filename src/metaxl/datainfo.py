@@ -241,21 +241,23 @@ def cmd_data(args: argparse.Namespace) -> int:
     for spec in args.data:
         corpus = resolve_dataset(spec, args.data_dir, task=args.task, sa_labels=args.sa_labels)
         found = 0
+        missing: list[str] = []
         for split in splits:
             try:
                 examples = corpus.load(split)
             except DataError as err:
-                notes.append(f"{spec}: no {split} split ({err})")
+                missing.append(f"{spec}: no {split} split ({err})")
                 continue
             found += 1
             rows.append(split_stats(examples, spec, split, tokenizer))
-            if args.examples and split == splits[0]:
+            if args.examples and found == 1:  # examples of the first split that could be read
                 rng = random.Random(args.seed)
                 picked = sorted(rng.sample(range(len(examples)), min(args.examples, len(examples))))
                 samples.append((f"{spec} ({split}, {len(picked)} of {len(examples)}, seed {args.seed})",
                                 [format_example(examples[i]) for i in picked]))
         if not found:
-            raise DataError(f"{spec}: none of the splits {', '.join(splits)} could be read: " + "; ".join(notes))
+            raise DataError(f"{spec}: none of the splits {', '.join(splits)} could be read: " + "; ".join(missing))
+        notes += missing
     if args.json:
         print(json.dumps({"splits": [r.to_dict() for r in rows],
                           "examples": {k: v for k, v in samples}, "notes": notes}, indent=2, ensure_ascii=False))
@@ -285,7 +287,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--tokenizer", help="also count sub-words per word and unknown tokens with this model's "
                    "tokenizer: default (the offline encoder), a checkpoint folder or a hub name")
     p.add_argument("--examples", type=int, default=0, metavar="K",
-                   help="print K random examples of the first split, entities in brackets")
+                   help="print K random examples of the first split read, entities in brackets")
     p.add_argument("--seed", type=int, default=0, help="which examples --examples draws")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.set_defaults(func=cmd_data)
