@@ -731,7 +731,7 @@ def bar_axis_limits(lo: float, hi: float) -> tuple[float, float]:
 def plot_table(table: Table, path: Path, ylabel: str) -> None:
     """Grouped bar chart: targets (+ avg) on x, one bar per setting, its value on top, error bars = std
     over seeds (only where a cell has 2 or more). The y axis starts at a multiple of 10 below the
-    lowest bar (0 when the bars span more than that), so differences of a point or two stay visible."""
+    lowest bar (0 when the bars span 40 points or more), so differences of a point or two stay visible."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
