@@ -194,26 +194,19 @@ def format_example(example: NERExample | SAExample) -> str:
     """
     if isinstance(example, SAExample):
         return f"{example.label}: {example.text}"
+    from seqeval.metrics.sequence_labeling import get_entities  # the spans the F1 metric counts
+
+    spans = {start: (end, kind) for kind, start, end in get_entities(list(example.tags))}
     parts: list[str] = []
-    span: list[str] = []
-    kind = ""
-
-    def close() -> None:
-        if span:
-            parts.append(f"[{' '.join(span)}|{kind}]")
-            span.clear()
-
-    for word, tag in zip(example.tokens, example.tags, strict=True):
-        if tag.startswith("B-") or tag.startswith("I-") and tag[2:] != kind:
-            close()
-            kind = tag[2:]
-            span.append(word)
-        elif tag.startswith("I-"):
-            span.append(word)
+    i = 0
+    while i < len(example.tokens):
+        if i in spans:
+            end, kind = spans[i]
+            parts.append(f"[{' '.join(example.tokens[i : end + 1])}|{kind}]")
+            i = end + 1
         else:
-            close()
-            parts.append(word)
-    close()
+            parts.append(example.tokens[i])
+            i += 1
     return " ".join(parts)
 
 
