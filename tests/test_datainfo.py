@@ -70,6 +70,8 @@ def test_examples_bracket_entities() -> None:
     ex = NERExample(("rue", "Fontaine", "Paris", "x", "y"), ("B-LOC", "I-LOC", "B-LOC", "I-ORG", "O"))
     # adjacent spans stay apart; an I- tag of another type opens a span (IOB1-style input)
     assert format_example(ex) == "[rue Fontaine|LOC] [Paris|LOC] [x|ORG] y"
+    s = split_stats([ex])  # counted as the same three spans
+    assert (s.mentions, s.types) == (3, {"LOC": 2, "ORG": 1})
 
 
 def test_cli_table_json_and_notes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

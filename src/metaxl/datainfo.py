@@ -39,7 +39,7 @@ class SplitStats:
     examples: int
     words: int
     mentions: int = 0
-    """NER: entity mentions (B- tags)."""
+    """NER: entity mentions (spans as seqeval, and so the F1 metric, counts them)."""
     with_entity: int = 0
     """NER: sentences with at least one entity."""
     types: dict[str, int] = field(default_factory=dict)
@@ -117,6 +117,8 @@ def split_stats(
     >>> split_stats([SAExample("so good", "positive"), SAExample("bad", "negative")]).labels
     {'negative': 1, 'positive': 1}
     """
+    from seqeval.metrics.sequence_labeling import get_entities  # the spans the F1 metric counts
+
     task = "ner" if examples and isinstance(examples[0], NERExample) else "sa"
     s = SplitStats(name, split, task, len(examples), 0)
     types: Counter[str] = Counter()
@@ -124,7 +126,7 @@ def split_stats(
     for e in examples:
         if isinstance(e, NERExample):
             s.words += len(e.tokens)
-            found = [t[2:] for t in e.tags if t.startswith("B-")]
+            found = [kind for kind, _, _ in get_entities(list(e.tags))]
             s.mentions += len(found)
             s.with_entity += bool(found)
             types.update(found)
