@@ -217,6 +217,8 @@ def test_tables_stats_and_outputs(tmp_path: Path) -> None:
         "avg mean",
         "avg std",
         "avg n",
+        "avg seeds min",
+        "avg seeds max",
     ]
     assert [r[0] for r in data[1:]] == [r.label for r in table.rows]
     assert float(data[2][1]) == 62.0 and float(data[2][2]) == 2.0 and data[2][3] == "3"
@@ -337,6 +339,11 @@ def test_average_of_targets_with_different_seed_counts_names_both_counts(tmp_pat
     assert (avg.mean, avg.n, avg.seed_counts) == (51.0, 1, (1, 3))  # mean of the cell means; ± over seed 1 only
     rows = md_table(res.markdown_path.read_text(), "NER, source size 1000")
     assert rows[2] == ["JT (en)", "62.00 ± 2.00 (n=3)", "40.00 (n=1)", "51.00 (n=1–3)"]
+    # the CSV says the same: avg n is the seeds its std is over (1), seeds min/max the targets' counts
+    data = list(csv.DictReader((tmp_path / "out" / "ner_n1000.csv").open()))
+    jt = next(r for r in data if r["setting"] == "JT (en)")
+    assert (jt["luo n"], jt["wol n"]) == ("3", "1")
+    assert (float(jt["avg mean"]), jt["avg n"], jt["avg seeds min"], jt["avg seeds max"]) == (51.0, "1", "1", "3")
 
 
 def test_helpers() -> None:
@@ -403,7 +410,8 @@ def test_rows_missing_targets_get_an_average_over_the_shared_ones(tmp_path: Path
     mx_line = next(line for line in text.splitlines() if line.startswith("| MetaXL (en)"))
     assert mx_line.endswith(f"| 73.00 ± {statistics.stdev([72, 74]):.2f} † | 73.00 ± {statistics.stdev([72, 74]):.2f} |")
     rows = list(csv.reader((out / next(p.name for p in out.glob("*.csv") if p.name.startswith("ner"))).open()))
-    assert rows[0][-3:] == ["avg shared mean", "avg shared std", "avg shared n"]
+    assert rows[0][-5:] == ["avg shared mean", "avg shared std", "avg shared n", "avg shared seeds min",
+                            "avg shared seeds max"]
 
 
 def test_one_factor_at_a_time_rows_are_labelled_by_what_they_change(tmp_path: Path) -> None:

@@ -692,12 +692,16 @@ def _csv_num(x: float) -> str:
 
 
 def write_table_csv(table: Table, path: Path) -> None:
-    """CSV with columns setting, <target> mean/std/n..., avg mean/std/n (and avg shared mean/std/n)."""
+    """CSV with columns setting, <target> mean/std/n..., then for ``avg`` (and ``avg shared``) mean,
+    std, n (the seeds run on every target it averages, the ones its std is over), seeds min and
+    seeds max (the fewest and most seeds of those targets: its mean is over each target's mean)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         header = ["setting"]
-        for col in [*table.columns, "avg", *(["avg shared"] if table.shared else [])]:
+        for col in table.columns:
             header += [f"{col} mean", f"{col} std", f"{col} n"]
+        for col in ["avg", *(["avg shared"] if table.shared else [])]:
+            header += [f"{col} mean", f"{col} std", f"{col} n", f"{col} seeds min", f"{col} seeds max"]
         w.writerow(header)
         for row in table.rows:
             line = [row.label]
@@ -705,7 +709,11 @@ def write_table_csv(table: Table, path: Path) -> None:
                 c = row.cells.get(t)
                 line += [_csv_num(c.mean), _csv_num(c.std), str(c.n)] if c else ["", "", "0"]
             for a in [row.avg, *([row.avg_shared] if table.shared else [])]:
-                line += [_csv_num(a.mean), _csv_num(a.std), str(a.n)] if a else ["", "", "0"]
+                if a is None:
+                    line += ["", "", "0", "0", "0"]
+                    continue
+                lo, hi = a.seed_counts or (a.n, a.n)
+                line += [_csv_num(a.mean), _csv_num(a.std), str(a.n), str(lo), str(hi)]
             w.writerow(line)
 
 
