@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from metaxl.report import make_report
+from metaxl.report import ReportResult, make_report
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = [("study_ner", "ner"), ("study_sa", "sa"), ("ablation", "ablation")]
@@ -26,16 +26,21 @@ def _table_lines(markdown: str) -> list[str]:
     return [line for line in markdown.splitlines() if line.startswith("|")]
 
 
-def _report(study: str, tmp_path: Path):
-    runs = REPO / "results" / study
-    if not runs.is_dir():
-        pytest.skip(f"results/{study} is not in this checkout")
-    return make_report(runs, tmp_path / study, plots=False)
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ReportResult]:
+    """Each study's report, recomputed once from results/<study> (no plots)."""
+    out = tmp_path_factory.mktemp("reports")
+    missing = [study for study, _ in STUDIES if not (REPO / "results" / study).is_dir()]
+    if missing:
+        pytest.skip(f"results/{', '.join(missing)} not in this checkout")
+    return {study: make_report(REPO / "results" / study, out / study, plots=False) for study, _ in STUDIES}
 
 
 @pytest.mark.parametrize(("study", "out"), STUDIES)
-def test_committed_report_is_recomputed_from_the_committed_runs(study: str, out: str, tmp_path: Path) -> None:
-    res = _report(study, tmp_path)
+def test_committed_report_is_recomputed_from_the_committed_runs(
+    study: str, out: str, reports: dict[str, ReportResult]
+) -> None:
+    res = reports[study]
     committed = REPO / "docs" / "results" / out
     fresh_csvs = sorted(p.name for p in res.out_dir.glob("*.csv") if p.name != "runs.csv")
     assert fresh_csvs == sorted(p.name for p in committed.glob("*.csv") if p.name != "runs.csv")
@@ -68,8 +73,8 @@ def _mean(cell: str) -> str:
     return m.group(0)
 
 
-def test_results_md_score_tables_match_the_reports(tmp_path: Path) -> None:
-    tables = {t.title: t for study, _ in STUDIES[:2] for t in _report(study, tmp_path).tables}
+def test_results_md_score_tables_match_the_reports(reports: dict[str, ReportResult]) -> None:
+    tables = {t.title: t for study, _ in STUDIES[:2] for t in reports[study].tables}
     docs = [t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][0] == "setting"]
     titles = ["NER, source size 200", "SA (binary labels), source size 200", "SA (3way labels), source size 200"]
     assert len(docs) == len(titles), "docs/results.md should have one score table per report table"
@@ -89,13 +94,12 @@ def test_results_md_score_tables_match_the_reports(tmp_path: Path) -> None:
             assert [_mean(c) for c in cells[1:]] == want, f"{title}, {row.label}"
 
 
-def test_results_md_paired_table_matches_the_significance_csvs(tmp_path: Path) -> None:
+def test_results_md_paired_table_matches_the_significance_csvs(reports: dict[str, ReportResult]) -> None:
     names = {"NER, source size 200": "NER", "SA (binary labels), source size 200": "SA binary",
              "SA (3way labels), source size 200": "SA 3-way"}
     fresh = []
     for study, _ in STUDIES[:2]:
-        res = _report(study, tmp_path)
-        with open(res.out_dir / "significance.csv") as f:
+        with open(reports[study].out_dir / "significance.csv") as f:
             fresh += [r for r in csv.DictReader(f) if r["table"] in names]
     doc = next(t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][:2] == ["table", "source"])
     got = {(r[0], r[1]): r for r in doc[1:]}
