@@ -176,6 +176,11 @@ class Cell:
     """For 'avg': the fewest and most seeds of the targets it averages (``n`` counts the seeds run on
     every one of them, the ones its ± is over)."""
 
+    @property
+    def seed_range(self) -> tuple[int, int]:
+        """The fewest and most seeds behind the cell: ``seed_counts`` for an 'avg', else ``(n, n)``."""
+        return self.seed_counts or (self.n, self.n)
+
 
 def cell_stats(values: Sequence[float]) -> Cell:
     """Mean and sample standard deviation.
@@ -658,7 +663,7 @@ def _cell_text(c: Cell | None, show_n: bool) -> str:
     if c.partial:
         text += " †"
     if show_n:
-        lo, hi = c.seed_counts or (c.n, c.n)
+        lo, hi = c.seed_range
         text += f" (n={lo})" if lo == hi else f" (n={lo}–{hi})"
     return text
 
@@ -712,8 +717,7 @@ def write_table_csv(table: Table, path: Path) -> None:
                 if a is None:
                     line += ["", "", "0", "0", "0"]
                     continue
-                lo, hi = a.seed_counts or (a.n, a.n)
-                line += [_csv_num(a.mean), _csv_num(a.std), str(a.n), str(lo), str(hi)]
+                line += [_csv_num(a.mean), _csv_num(a.std), str(a.n), *map(str, a.seed_range)]
             w.writerow(line)
 
 
