@@ -22,7 +22,7 @@ import yaml
 
 import metaxl.sweep as sweep_mod
 from metaxl.config import TrainConfig
-from metaxl.errors import ConfigError, MetaXLError
+from metaxl.errors import ConfigError, DataError, MetaXLError
 from metaxl.sweep import (
     ExpansionStats,
     effective_config,
@@ -614,3 +614,49 @@ def test_only_errors_name_the_fix() -> None:
         parse_only(["seed=1", "seeds=2"])
     with pytest.raises(ConfigError, match="seed='x' is not a valid int"):
         parse_only(["seed=x"])
+
+
+def _ner_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (path / f"{split}.txt").write_text("Kofi B-PER\nwalks O\n\n")
+    return path
+
+
+def test_missing_data_stops_the_sweep_before_any_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `metaxl train` as the child, a data set that does not resolve here refuses the sweep at once."""
+    monkeypatch.delenv("METAXL_TRAIN_CMD", raising=False)
+    good = _ner_folder(tmp_path / "data" / "good")
+    cfg = write_sweep(tmp_path / "sweep.yaml", {
+        "base": {"epochs": 1, "data_dir": str(tmp_path / "data")},
+        "grid": {"targets": [str(good), "masakhaner2:xx"], "sources": [str(good)],
+                 "methods": ["target-only", "jt"], "seeds": [1, 2]},
+    })
+    runs_dir = tmp_path / "runs"
+    with pytest.raises(DataError) as err:
+        run_sweep(cfg, runs_dir=runs_dir, out=io.StringIO(), progress=False)
+    msg = str(err.value)
+    assert "1 data set(s) of this sweep are not found here, so 4 of the 8 runs to do would fail" in msg
+    assert "masakhaner2:xx (4 runs)" in msg and "nothing was launched" in msg
+    assert "masakhaner2:xx: " in msg and "--only" in msg
+    assert not runs_dir.exists()
+
+    # the dry run shows the same as a warning, then the plan
+    out = io.StringIO()
+    run_sweep(cfg, runs_dir=runs_dir, dry_run=True, out=out, progress=False)
+    assert "warning: 1 data set(s)" in out.getvalue() and "new        auto/good/jt/src-good/n1000/seed1" in out.getvalue()
+
+    # the slice whose data are here passes the check
+    runs = [r for r in expand_sweep(load_sweep(cfg)) if r.config.target == str(good)]
+    assert len(runs) == 4 and sweep_mod.missing_data(runs) == []
+    # a missing source counts too, once per run that needs it; target-only runs do not need it
+    bad_src = expand_sweep({"base": {"data_dir": str(tmp_path / "data")},
+                            "grid": {"targets": [str(good)], "sources": ["nusax:nowhere"],
+                                     "methods": ["target-only", "jt", "metaxl"]}})
+    assert [(name, n) for name, _, n in sweep_mod.missing_data(bad_src)] == [("nusax:nowhere", 2)]
+
+
+def test_custom_train_command_skips_the_data_check(tmp_path: Path, fake_train: Path) -> None:
+    cfg = small_sweep(tmp_path, ["masakhaner2:xx"])
+    outcome = run_sweep(cfg, runs_dir=tmp_path / "runs", out=io.StringIO(), progress=False)
+    assert outcome.finished == 1 and launches_by_dir(fake_train)

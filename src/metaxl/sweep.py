@@ -49,7 +49,7 @@ from typing import Any, TextIO
 import yaml
 
 from .config import TrainConfig, parse_list
-from .errors import ConfigError, MetaXLError
+from .errors import ConfigError, DataError, MetaXLError
 
 __all__ = [
     "SweepSpec",
@@ -740,6 +740,36 @@ def run_status(run_dir: str | Path) -> str:
     return "new"
 
 
+def missing_data(runs: Sequence[PlannedRun]) -> list[tuple[str, str, int]]:
+    """The data sets ``runs`` need that do not resolve here: ``(name, error, number of runs)``.
+
+    Each distinct (data set, ``data_dir``, ``sa_labels``) is resolved once, as ``metaxl train``
+    would (local corpora are looked up on disk; hub corpora are not fetched, so they always pass).
+
+    >>> run = PlannedRun("r", TrainConfig(target="masakhaner2:xx", data_dir="/nonexistent", method="target-only"))
+    >>> [(name, n) for name, _, n in missing_data([run])]
+    [('masakhaner2:xx', 1)]
+    """
+    from .data import resolve_dataset
+
+    errors: dict[tuple[str, str | None, str], str | None] = {}
+    counts: dict[tuple[str, str | None, str], int] = {}
+    for r in runs:
+        c = r.config
+        specs = [c.target] + ([] if c.method == "target-only" else list(c.source))
+        for spec in dict.fromkeys(specs):
+            key = (spec, c.data_dir, c.sa_labels)
+            if key not in errors:
+                try:
+                    resolve_dataset(spec, c.data_dir, sa_labels=c.sa_labels)
+                    errors[key] = None
+                except (DataError, ConfigError) as e:
+                    errors[key] = str(e)
+            if errors[key] is not None:
+                counts[key] = counts.get(key, 0) + 1
+    return [(key[0], str(errors[key]), n) for key, n in counts.items()]
+
+
 def _config_differences(path: Path, cfg: TrainConfig) -> list[str]:
     try:
         old = yaml.safe_load(path.read_text()) or {}
@@ -1212,6 +1242,11 @@ def import_ray() -> Any:
     return ray
 
 
+def _needs(run: PlannedRun, spec: str) -> bool:
+    c = run.config
+    return spec == c.target or (c.method != "target-only" and spec in c.source)
+
+
 def run_sweep(
     sweep: str | Path | SweepSpec,
     *,
@@ -1297,6 +1332,22 @@ def run_sweep(
         f"{len(todo)} to run ({n_unfin} to resume)",
         file=out,
     )
+    # Data every run to do needs, checked before anything is launched: a data folder missing on a
+    # machine would otherwise fail every run of the grid, one by one. Only for `metaxl train` itself
+    # (a custom train command may read its data its own way).
+    missing = missing_data(todo) if prefix == list(DEFAULT_TRAIN_COMMAND) else []
+    if missing:
+        n_bad = sum(1 for r in todo if any(_needs(r, name) for name, _, _ in missing))
+        names = ", ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, _, n in missing)
+        msg = (
+            f"{len(missing)} data set(s) of this sweep are not found here, so {n_bad} of the {len(todo)} runs "
+            f"to do would fail: {names}. {missing[0][1]}. To run the others anyway, leave those runs out "
+            f"with --only or an exclude rule"
+        )
+        if dry_run or backend == "ray":  # a cluster's workers may hold data the driver does not
+            print(f"warning: {msg}", file=out)
+        else:
+            raise DataError(msg + "; nothing was launched")
     if dry_run:
         for r in runs:
             print(f"  {status[r.name]:<10} {r.name}", file=out)
