@@ -740,6 +740,11 @@ def run_status(run_dir: str | Path) -> str:
     return "new"
 
 
+def _data_specs(cfg: TrainConfig) -> list[str]:
+    """The data sets a run reads: its target, and its sources unless it is target-only."""
+    return list(dict.fromkeys([cfg.target] + ([] if cfg.method == "target-only" else list(cfg.source))))
+
+
 def missing_data(runs: Sequence[PlannedRun]) -> list[tuple[str, str, int]]:
     """The data sets ``runs`` need that do not resolve here: ``(name, error, number of runs)``.
 
@@ -756,8 +761,7 @@ def missing_data(runs: Sequence[PlannedRun]) -> list[tuple[str, str, int]]:
     counts: dict[tuple[str, str | None, str], int] = {}
     for r in runs:
         c = r.config
-        specs = [c.target] + ([] if c.method == "target-only" else list(c.source))
-        for spec in dict.fromkeys(specs):
+        for spec in _data_specs(c):
             key = (spec, c.data_dir, c.sa_labels)
             if key not in errors:
                 try:
@@ -1242,11 +1246,6 @@ def import_ray() -> Any:
     return ray
 
 
-def _needs(run: PlannedRun, spec: str) -> bool:
-    c = run.config
-    return spec == c.target or (c.method != "target-only" and spec in c.source)
-
-
 def run_sweep(
     sweep: str | Path | SweepSpec,
     *,
@@ -1337,7 +1336,8 @@ def run_sweep(
     # (a custom train command may read its data its own way).
     missing = missing_data(todo) if prefix == list(DEFAULT_TRAIN_COMMAND) else []
     if missing:
-        n_bad = sum(1 for r in todo if any(_needs(r, name) for name, _, _ in missing))
+        bad = {name for name, _, _ in missing}
+        n_bad = sum(1 for r in todo if bad & set(_data_specs(r.config)))
         names = ", ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, _, n in missing)
         msg = (
             f"{len(missing)} data set(s) of this sweep are not found here, so {n_bad} of the {len(todo)} runs "
