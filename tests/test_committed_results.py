@@ -106,11 +106,11 @@ def test_results_md_paired_table_matches_the_significance_csvs(reports: dict[str
     assert len(got) == len(fresh), "docs/results.md's paired table should have one row per comparison"
     for r in fresh:
         row = got[(names[r["table"]], r["source"])]
-        _, _, n, mean, ci, wl, tp, wp = row
+        _, _, n, mean, ci, wl, tp, wp, hp = row
         assert int(n) == int(r["n"])
         assert float(mean) == pytest.approx(float(r["mean_diff"]), abs=0.0051)
         lo, hi = (float(x) for x in ci.strip("[]").split(","))
         assert (lo, hi) == pytest.approx((float(r["ci_low"]), float(r["ci_high"])), abs=0.0051)
         assert wl == f"{r['wins']}/{r['losses']}"
-        for shown, value in [(tp, r["ttest_p"]), (wp, r["wilcoxon_p"])]:
+        for shown, value in [(tp, r["ttest_p"]), (wp, r["wilcoxon_p"]), (hp, r["ttest_p_holm"])]:
             assert float(shown) == pytest.approx(float(value), abs=0.00051)

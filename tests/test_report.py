@@ -225,6 +225,12 @@ def test_tables_stats_and_outputs(tmp_path: Path) -> None:
     with open(res.out_dir / "significance.csv") as f:
         sig = list(csv.DictReader(f))
     assert float(sig[0]["mean_diff"]) == pytest.approx(res.comparisons[0].stats.mean)
+    # Holm over the report's two comparisons: the smaller p doubled, the larger kept (never below it)
+    p1, p2 = (c.stats.t_p for c in res.comparisons)
+    lo = min(1.0, 2 * min(p1, p2))
+    want = [lo if p == min(p1, p2) else max(lo, p) for p in (p1, p2)]
+    assert [float(r["ttest_p_holm"]) for r in sig] == pytest.approx(want)
+    assert "| t-test p | Wilcoxon p | Holm p |" in text and "2 comparison(s) of this report" in text
     png = res.out_dir / "ner_n1000.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
@@ -435,3 +441,14 @@ def test_one_factor_at_a_time_rows_are_labelled_by_what_they_change(tmp_path: Pa
     deltas = {c.treatment: c.stats.mean for c in res.comparisons}
     assert deltas == {"MetaXL (related)": -6.0, "MetaXL (related; FD)": 1.0,
                       "MetaXL (related; meta_lr=0.001)": -3.0}
+
+
+def test_holm_adjustment() -> None:
+    from metaxl.report import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+    out = holm([math.nan, 0.02, math.nan])  # undefined p-values are not part of the family
+    assert math.isnan(out[0]) and math.isnan(out[2]) and out[1] == pytest.approx(0.02)
+    assert holm([]) == []

@@ -51,6 +51,7 @@ __all__ = [
     "paired_stats",
     "build_tables",
     "paired_comparisons",
+    "holm",
     "make_report",
     "register_cli",
     "main",
@@ -245,6 +246,26 @@ def paired_stats(a: Sequence[float], b: Sequence[float]) -> PairedStats:
             except ValueError:
                 w_p = math.nan
     return PairedStats(n, mean, lo, hi, wins, losses, ties, t_p, w_p)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the given order (NaN stays NaN and is not counted).
+
+    A family of m tests: the i-th smallest p is multiplied by m - i + 1, then made non-decreasing
+    and capped at 1. Reject at level a where the adjusted p is <= a (family-wise error <= a).
+
+    >>> holm([0.01, 0.04, 0.03])
+    [0.03, 0.06, 0.06]
+    >>> holm([0.2, float("nan")])
+    [0.2, nan]
+    """
+    real = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(real):
+        running = max(running, min(1.0, (len(real) - rank) * p))
+        out[i] = running
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -897,22 +918,25 @@ def make_report(
             files.append(png)
             md += [f"![{table.title}]({png.name})", ""]
     md += ["## Paired comparison: MetaXL − JT", ""]
+    holm_p = holm([c.stats.t_p for c in comparisons])
     if comparisons:
         md.append(
             "Runs paired on (task, target, source, source size, seed); n = (language, seed) pairs; "
-            "95% CI of the mean difference (t); p-values: two-sided paired t-test and Wilcoxon signed-rank."
+            "95% CI of the mean difference (t); p-values: two-sided paired t-test and Wilcoxon signed-rank; "
+            f"Holm p: the t-test p adjusted for the {len(comparisons)} comparison(s) of this report "
+            "(Holm-Bonferroni; a difference is significant at 5% family-wise where it is <= 0.05)."
         )
         md += [
             "",
-            "| table | source | comparison | n | mean Δ | 95% CI | wins/losses/ties | t-test p | Wilcoxon p |",
-            "|---|---|---|---:|---:|---|---|---:|---:|",
+            "| table | source | comparison | n | mean Δ | 95% CI | wins/losses/ties | t-test p | Wilcoxon p | Holm p |",
+            "|---|---|---|---:|---:|---|---|---:|---:|---:|",
         ]
-        for c in comparisons:
+        for c, adj in zip(comparisons, holm_p, strict=True):
             s = c.stats
             md.append(
                 f"| {c.table} | {c.kind} | {c.treatment} − {c.control} | {s.n} | {_num(s.mean)} | "
                 f"[{_num(s.ci_low)}, {_num(s.ci_high)}] | {s.wins}/{s.losses}/{s.ties} | {_p(s.t_p)} | "
-                f"{_p(s.wilcoxon_p)} |"
+                f"{_p(s.wilcoxon_p)} | {_p(adj)} |"
             )
     else:
         md.append("No MetaXL and JT runs with matching (target, source, source size, seed) to pair.")
@@ -935,9 +959,10 @@ def make_report(
                 "ties",
                 "ttest_p",
                 "wilcoxon_p",
+                "ttest_p_holm",
             ]
         )
-        for c in comparisons:
+        for c, adj in zip(comparisons, holm_p, strict=True):
             s = c.stats
             w.writerow(
                 [
@@ -954,6 +979,7 @@ def make_report(
                     s.ties,
                     _csv_num(s.t_p),
                     _csv_num(s.wilcoxon_p),
+                    _csv_num(adj),
                 ]
             )
     files.append(sig_path)
