@@ -247,6 +247,20 @@ def test_example_sweeps_expand() -> None:
     assert all(r.name.startswith("sa/nusax-") for r in sa)
 
 
+def test_finite_difference_study_shares_the_study_folder() -> None:
+    """study_sa_fd.yaml's runs are the study's MetaXL runs with another hypergradient, in folders of their own."""
+    import dataclasses
+
+    study = {r.name: r for r in expand_sweep(load_sweep(REPO / "examples/sweeps/study_sa.yaml"))}
+    fd = expand_sweep(load_sweep(REPO / "examples/sweeps/study_sa_fd.yaml"))
+    assert len(fd) == 8 * 2 * 2 * 3 and {r.config.hypergrad for r in fd} == {"finite-difference"}
+    assert not {r.name for r in fd} & set(study)
+    for r in fd:
+        twin = study[r.name.replace("/hypergrad-finite-difference", "")]
+        assert twin.config.method == "metaxl"
+        assert dataclasses.replace(r.config, hypergrad="exact") == twin.config
+
+
 def test_cli_registration() -> None:
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers())
