@@ -184,6 +184,40 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+RngState = tuple[torch.Tensor, "tuple[int, torch.Tensor] | None"]
+
+
+def rng_state(device: torch.device) -> RngState:
+    """The random state a forward on ``device`` draws its dropout masks from (CPU, plus CUDA's
+    generator of that device), for :func:`replayed_rng`.
+
+    >>> s = rng_state(torch.device("cpu"))
+    >>> a = torch.rand(2)
+    >>> with replayed_rng(s):
+    ...     b = torch.rand(2)
+    >>> bool((a == b).all()), bool((torch.rand(2) == a).all())
+    (True, False)
+    """
+    cuda = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda = (index, torch.cuda.get_rng_state(index))
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def replayed_rng(state: RngState) -> Iterator[None]:
+    """Run a block from the random state ``state`` (:func:`rng_state`), so that a forward in it
+    draws the same dropout masks as the forward that followed the capture; the random state
+    outside the block is left as it was (the block consumes nothing from it)."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=[] if cuda is None else [cuda[0]]):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda[1], cuda[0])
+        yield
+
+
 def allreduce_mean(tensors: list[torch.Tensor], bucket_numel: int = 2**25) -> None:
     """Average tensors in place across processes (no-op without torch.distributed).
 
@@ -598,6 +632,8 @@ class Learner:
             w_src = theta[rows.index].index_select(0, rows.src)
             inputs = [w_src if i == rows.index else p for i, p in enumerate(theta)]
             src_sub, src_in = {rows.name: w_src}, remap_ids(src, rows.src)
+        # finite differences: the shifted forwards replay this forward's dropout masks
+        rng = None if exact else rng_state(next(iter(self.theta.values())).device)
         with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
             loss_s = self.train_loss(src_in, source, None, params=src_sub)
         # reuse_source_gradient: also the parameters outside the virtual step, for theta's step
@@ -653,7 +689,9 @@ class Learner:
 
             def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
                 shifted = {n: torch.add(b, gm, alpha=sign * eps) for n, b, gm in zip(names, base, g_meta, strict=True)}
-                loss_sh = self.train_loss(src_in, source, None, params=shifted)
+                assert rng is not None
+                with replayed_rng(rng):  # the dropout masks of g_src's forward, at both shifts
+                    loss_sh = self.train_loss(src_in, source, None, params=shifted)
                 return torch.autograd.grad(loss_sh, self.phi, allow_unused=True)
 
             phi_grads = self._central_difference(phi_grad_at, a, eps)
@@ -704,6 +742,8 @@ class Learner:
 
         # (1) g = grad_theta L_train(theta, phi); a graph through g is kept for the exact mode.
         # Fused attention kernels have no double backward: the exact mode uses the math kernel.
+        # finite differences: the shifted forwards replay this forward's dropout masks
+        rng = None if exact else rng_state(next(iter(self.theta.values())).device)
         with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
             loss = self.train_loss(src, source, tgt)
         raw = torch.autograd.grad(loss, theta, create_graph=exact, allow_unused=True)
@@ -734,7 +774,9 @@ class Learner:
                 shifted = {
                     n: (p.detach() + sign * eps * gm) for n, p, gm in zip(names, theta, g_meta, strict=True)
                 }
-                loss_s = self.train_loss(src, source, tgt, params=shifted)
+                assert rng is not None
+                with replayed_rng(rng):  # the dropout masks of g's forward, at both shifts
+                    loss_s = self.train_loss(src, source, tgt, params=shifted)
                 return torch.autograd.grad(loss_s, self.phi, allow_unused=True)
 
             phi_grads = self._central_difference(phi_grad_at, a, eps)
