@@ -40,6 +40,10 @@ RUNS=(  # in order of priority; finished ones are skipped
   "meta-lr-1e-5 --meta-lr 1e-5"
   "group-by-length --group-by-length"  # the opt-in batching of docs/performance.md: does accuracy move?
   "jt-group-by-length --method jt --group-by-length"
+  # finite differences again after the dropout-mask fix (the two shifted forwards now replay the
+  # masks of the forward that gave g; the runs above, hypergrad-fd*, drew fresh masks: noise)
+  "hypergrad-fd-same-masks --hypergrad finite-difference"
+  "hypergrad-fd-same-masks-seed2 --hypergrad finite-difference --seed 2"
 )
 # several workers (e.g. one per core) share the list: each takes the next run no one has taken
 for r in "${RUNS[@]}"; do run $r; done
