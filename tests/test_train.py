@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
+import metaxl
 from metaxl.checkpoint import load_checkpoint
 from metaxl.cli import main
 from metaxl.config import TrainConfig
@@ -35,6 +37,10 @@ def test_every_method_trains_and_writes_results(toy_data, tiny_model, tmp_path, 
     assert [e["epoch"] for e in on_disk["epochs"]] == [1, 2]
     assert on_disk["best_epoch"] in (1, 2)
     assert on_disk["test"]["f1"] >= 0 and "headline" in on_disk["test"]
+    # the code that ran: this checkout's commit (CI and here run from one), or None outside a checkout
+    assert on_disk["code"]["metaxl"] == metaxl.__version__
+    git = on_disk["code"]["git"]
+    assert git is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", git), git
     steps = on_disk["epochs"][0]["steps"]
     assert steps == (2 if method == "target-only" else 3)  # 16/8 target, 24/8 source
     ckpt = tmp_path / "run" / "checkpoint"
@@ -281,3 +287,20 @@ def test_group_by_length_trains(toy_data, tiny_model, tmp_path, method):
     assert res["epochs"][0]["steps"] == (2 if method == "target-only" else 3)
     plain = train(_cfg(toy_data, tiny_model, tmp_path / "plain", method=method), log=lambda *_: None)
     assert res["epochs"][0]["train_loss"] != plain["epochs"][0]["train_loss"]  # other batches were drawn
+
+
+def test_code_version_names_no_commit_outside_this_checkout(tmp_path, monkeypatch):
+    """An installed copy (here: the module file seen from a folder that is no checkout of this
+    project) records the version only, never another repository's commit."""
+    import subprocess
+
+    import metaxl.train as train_module
+
+    other = tmp_path / "other-repo"
+    (other / "pkg" / "metaxl").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    (other / "pkg" / "metaxl" / "train.py").write_text("# a copy\n")
+    subprocess.run(["git", "-C", str(other), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], check=True)
+    monkeypatch.setattr(train_module, "__file__", str(other / "pkg" / "metaxl" / "train.py"))
+    assert train_module.code_version() == {"metaxl": metaxl.__version__, "git": None}

@@ -40,6 +40,39 @@ STATE_DIR = "train_state"
 
 
 # ---------------------------------------------------------------------------- setup helpers
+def code_version() -> dict[str, str | None]:
+    """The metaxl version that ran and, where it runs from a git checkout of this project, the
+    commit (``+dirty`` when ``src/metaxl`` has uncommitted changes): ``results.json`` records it, so
+    runs of older code can be told apart (e.g. finite-difference runs before commit 9dead71).
+
+    >>> v = code_version()
+    >>> sorted(v), v["metaxl"] == __import__("metaxl").__version__
+    (['git', 'metaxl'], True)
+    """
+    import subprocess
+
+    from . import __version__
+
+    here = Path(__file__).resolve().parent
+    git: str | None = None
+
+    def run(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = run("rev-parse", "--show-toplevel")
+    # only this project's checkout: an installed copy inside some other repository has no commit of ours
+    if top is not None and Path(top).resolve() / "src" / "metaxl" == here:
+        head = run("rev-parse", "--short=12", "HEAD")
+        if head:
+            dirty = run("status", "--porcelain", "--", ".")
+            git = head + ("+dirty" if dirty else "")
+    return {"metaxl": __version__, "git": git}
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
