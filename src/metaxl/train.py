@@ -364,6 +364,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
                   "dev": len(dev_feats), "test": len(test_feats)},
         "epochs": [], "best_epoch": None, "dev": None, "test": None, "checkpoint": None,
         "device": str(device), "torch": torch.__version__, "world_size": dist.world_size,
+        "code": code_version(),
     }
     start_epoch, best_f1, elapsed_before = 1, -1.0, 0.0
     best: Snapshot | None = None  # the best dev epoch's weights; the test set is evaluated on them once, at the end
