@@ -40,6 +40,11 @@ def test_every_method_trains_and_writes_results(toy_data, tiny_model, tmp_path, 
     # the code that ran: this checkout's commit (CI and here run from one), or None outside a checkout
     assert on_disk["code"]["metaxl"] == metaxl.__version__
     git = on_disk["code"]["git"]
+    norms = [e["phi_grad_norm"] for e in on_disk["epochs"]]
+    if method == "metaxl":  # the hypergradient's median norm per epoch (0 only on the first warm-up step)
+        assert all(n is not None and n > 0 for n in norms), norms
+    else:
+        assert norms == [None, None]
     assert git is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", git), git
     steps = on_disk["epochs"][0]["steps"]
     assert steps == (2 if method == "target-only" else 3)  # 16/8 target, 24/8 source

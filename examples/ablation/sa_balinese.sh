@@ -6,7 +6,8 @@
 # training batches grouped by length). Each run changes one thing
 # from examples/sweeps/study_sa.yaml's MetaXL run; results land in results/ablation/<name>/results.json.
 #   bash examples/ablation/sa_balinese.sh     # 35-50 min per run on one CPU core, ~2 min on a GPU
-#   bash examples/ablation/sa_balinese.sh &   # again, for a second worker (e.g. on the second core)
+#   bash examples/ablation/sa_balinese.sh &   # again, for a second worker (e.g. on the second core;
+#   with two workers on a 2-core CPU set OMP_NUM_THREADS=1 for each, or 4 threads fight for 2 cores: 3x slower)
 set -eu
 BASE="--target nusax:balinese --source nusax:indonesian --task sa --sa-labels binary --method metaxl
       --target-size 100 --source-size 200 --data-seed none --epochs 10 --batch-size 10 --lr 1e-4

@@ -417,6 +417,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         t0 = time.time()
         losses: list[float] = []
         meta_losses: list[float] = []
+        phi_norms: list[float] = []
         skipped = 0
         if cfg.method == "target-only":
             plan: list[tuple[int | None, list[dict[str, Any]] | None]] = [
@@ -450,6 +451,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             losses.append(loss)
             if stats.meta_loss is not None:
                 meta_losses.append(all_mean(stats.meta_loss))
+            if stats.phi_grad_norm is not None and math.isfinite(stats.phi_grad_norm):
+                phi_norms.append(stats.phi_grad_norm)  # already averaged across processes
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         bar.close()
         dev_metrics, _ = evaluate(model, data.task, data.dev, dev_feats, data.labels, pad_id,
@@ -458,6 +461,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             "epoch": epoch, "phase": "backoff" if backoff else "main", "steps": len(plan) - skipped,
             "train_loss": float(np.mean(losses)) if losses else None,
             "meta_loss": float(np.mean(meta_losses)) if meta_losses else None,
+            # MetaXL: the median norm of the hypergradient (phi's gradient) over the epoch's steps
+            "phi_grad_norm": float(np.median(phi_norms)) if phi_norms else None,
             "lr": learner.current_lr(), "dev": dev_metrics,
         }
         improved = dev_metrics["f1"] > best_f1
