@@ -25,7 +25,7 @@ RUNS=(  # in order of priority; finished ones are skipped
   "rtn-plain --rtn-variant plain"
   "inner-lr-1e-3 --inner-lr 1e-3"
   "rtn-layers-0-12 --rtn-layers 0,12"
-  "hypergrad-fd --hypergrad finite-difference"
+  "hypergrad-fd-same-masks --hypergrad finite-difference"  # see the note at the end of the list
   "virtual-from-layer-7 --virtual-from-layer 7"
   "no-freeze-embeddings --no-freeze-embeddings"
   "reuse-source-gradient --reuse-source-gradient"
@@ -35,16 +35,15 @@ RUNS=(  # in order of priority; finished ones are skipped
   "inner-lr-per-group --inner-lr-per-group"
   "rtn-layer-0 --rtn-layers 0"
   "meta-batch-separate --meta-batch separate"
-  "reference-metaxl-cpu-seed2 --seed 2"  # the finite-difference lead on a second seed (sample and init):
-  "hypergrad-fd-seed2 --hypergrad finite-difference --seed 2"  # does it again beat the exact mixed term?
+  "reference-metaxl-cpu-seed2 --seed 2"  # finite differences vs exact on a second seed (sample and init):
+  "hypergrad-fd-same-masks-seed2 --hypergrad finite-difference --seed 2"  # does it again beat the exact mixed term?
   "reference-jt-cpu-seed2 --method jt --seed 2"  # and JT on that seed
   "meta-lr-1e-5 --meta-lr 1e-5"
   "group-by-length --group-by-length"  # the opt-in batching of docs/performance.md: does accuracy move?
   "jt-group-by-length --method jt --group-by-length"
-  # finite differences again after the dropout-mask fix (the two shifted forwards now replay the
-  # masks of the forward that gave g; the runs above, hypergrad-fd*, drew fresh masks: noise)
-  "hypergrad-fd-same-masks --hypergrad finite-difference"
-  "hypergrad-fd-same-masks-seed2 --hypergrad finite-difference --seed 2"
+  # The finite-difference runs are named -same-masks: they ran after commit 9dead71, whose shifted
+  # forwards replay the dropout masks of the forward that gave g. The runs before it (hypergrad-fd,
+  # hypergrad-fd-seed2), whose estimate was mostly mask noise, are in results/ablation-superseded.
 )
 # several workers (e.g. one per core) share the list: each takes the next run no one has taken
 for r in "${RUNS[@]}"; do run $r; done
