@@ -61,11 +61,23 @@ def test_parse_variant():
             sc.parse_variant(bad)
 
 
-def test_eval_cost_smoke(tiny_model, toy_data, tmp_path, capsys):
-    """benchmarks/eval_cost.py: both batchings give the same predictions; sorting never pads more."""
-    spec = importlib.util.spec_from_file_location("eval_cost", REPO / "benchmarks" / "eval_cost.py")
+def _companion(name):
+    """Load a companion script of benchmarks/ (eval_cost, train_batching, hypergrad_agreement)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _toy_training_args(tiny_model, toy_data):
+    """The tiny model and toy NER target/source sets, subsampled, as the training-side scripts take them."""
+    return ["--model", str(tiny_model), "--target", str(toy_data / "ner-tgt"), "--source", str(toy_data / "ner-src"),
+            "--target-size", "16", "--source-size", "24", "--batch-size", "4", "--max-length", "32", "--threads", "1"]
+
+
+def test_eval_cost_smoke(tiny_model, toy_data, tmp_path, capsys):
+    """benchmarks/eval_cost.py: both batchings give the same predictions; sorting never pads more."""
+    module = _companion("eval_cost")
     out = tmp_path / "eval.json"
     res = module.main(["--model", str(tiny_model), "--data", str(toy_data / "ner-tgt"), "--split", "test",
                        "--batch-size", "4", "--rounds", "1", "--threads", "1", "--json", str(out)])
@@ -78,14 +90,9 @@ def test_eval_cost_smoke(tiny_model, toy_data, tmp_path, capsys):
 
 def test_train_batching_smoke(tiny_model, toy_data, tmp_path, capsys):
     """benchmarks/train_batching.py: real epochs each way; grouping never pads more than shuffling."""
-    spec = importlib.util.spec_from_file_location("train_batching", REPO / "benchmarks" / "train_batching.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _companion("train_batching")
     out = tmp_path / "batching.json"
-    res = module.main(["--model", str(tiny_model), "--target", str(toy_data / "ner-tgt"),
-                       "--source", str(toy_data / "ner-src"), "--target-size", "16", "--source-size", "24",
-                       "--batch-size", "4", "--max-length", "32", "--rounds", "1", "--shuffles", "3", "--threads", "1",
-                       "--json", str(out)])
+    res = module.main(_toy_training_args(tiny_model, toy_data) + ["--rounds", "1", "--shuffles", "3", "--json", str(out)])
     assert json.loads(out.read_text())["method"] == "jt"
     shuffled, grouped = res["ways"]["shuffled"], res["ways"]["grouped"]
     assert len(shuffled["times_s"]) == len(grouped["times_s"]) == 1 and grouped["median_s"] > 0
@@ -99,15 +106,11 @@ def test_hypergrad_agreement_smoke(tiny_model, toy_data, tmp_path, capsys):
     replaying the masks (the code) brings finite differences much closer to the exact hypergradient
     than fresh masks (the code before the fix), in float64 and at a tiny eps so rounding and the
     RTN's ReLU kinks are out of it (at eps 1e-4 a kink crossing already gives cosine 0.13 on one batch)."""
-    spec = importlib.util.spec_from_file_location("hypergrad_agreement", REPO / "benchmarks" / "hypergrad_agreement.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _companion("hypergrad_agreement")
     out = tmp_path / "agree.json"
-    res = module.main(["--model", str(tiny_model), "--target", str(toy_data / "ner-tgt"),
-                       "--source", str(toy_data / "ner-src"), "--target-size", "16", "--source-size", "24",
-                       "--batch-size", "4", "--max-length", "32", "--rtn-layers", "2", "--inner-lr", "0.5",
-                       "--fd-epsilon", "1e-6", "--variants", "plain", "--dtype", "float64", "--no-freeze-embeddings",
-                       "--batches", "2", "--threads", "1", "--json", str(out)])
+    res = module.main(_toy_training_args(tiny_model, toy_data) + [
+        "--rtn-layers", "2", "--inner-lr", "0.5", "--fd-epsilon", "1e-6", "--variants", "plain", "--dtype", "float64",
+        "--no-freeze-embeddings", "--batches", "2", "--json", str(out)])
     rows = json.loads(out.read_text())["variants"]["plain"]
     assert rows == res["variants"]["plain"] and set(rows) == {"eval", "train", "train-fresh-masks"}
     assert all(len(r["cos"]) == 2 for r in rows.values())
