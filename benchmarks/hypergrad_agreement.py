@@ -18,7 +18,7 @@ norms (median, min and max over batches). For the plain RTN (paper eq. 1) both e
 derivative; the gated RTN reads ``h.detach()`` (official code), so autograd's exact term is a
 pseudo-gradient and finite differences estimate another quantity (docs/method.md).
 
-    python benchmarks/hypergrad_agreement.py --batches 5          # ~3 min on 2 CPU cores
+    python benchmarks/hypergrad_agreement.py --batches 5 --threads 1   # ~10 min on this 2-core CPU
 """
 
 from __future__ import annotations
@@ -36,18 +36,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import machine_fields, machine_line, parse_with_machine_args  # noqa: E402
+from step_cost import _ConstSched, machine_fields, machine_line, parse_with_machine_args  # noqa: E402
 
 import metaxl.meta as meta_module  # noqa: E402
 from metaxl.config import TrainConfig  # noqa: E402
 from metaxl.meta import Learner, split_batch  # noqa: E402
 
 WAYS = ("eval", "train", "train-fresh-masks")
-
-
-class _ConstSched:
-    def step(self) -> None:
-        pass
 
 
 @contextlib.contextmanager
@@ -118,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       rtn_layers=[int(x) for x in args.rtn_layers.split(",")], inner_lr=args.inner_lr,
                       fd_epsilon=args.fd_epsilon, freeze_embeddings=args.freeze_embeddings, seed=args.seed)
     cfg.validate()
+    ways = [w.strip() for w in args.ways.split(",")]
+    if unknown := [w for w in ways if w not in WAYS]:
+        raise SystemExit(f"--ways: unknown {unknown}; choose from {list(WAYS)}")
     device = torch.device(args.device)
     _, pairs, pad, labels, task = real_batches(cfg, args.batches, args.seed)
     machine = machine_fields(device)
@@ -139,9 +137,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         vcfg = TrainConfig(**{**cfg.to_dict(), "rtn_variant": variant})
         learner = Learner(model, inj, vcfg, torch.optim.SGD(model.parameters(), lr=0.0), _ConstSched(),
                           torch.optim.SGD(inj.parameters(), lr=0.0), _ConstSched())
-        ways = [w.strip() for w in args.ways.split(",")]
-        if unknown := [w for w in ways if w not in WAYS]:
-            raise SystemExit(f"--ways: unknown {unknown}; choose from {list(WAYS)}")
         rows: dict[str, dict[str, list[float]]] = {w: {"cos": [], "norm_ratio": []} for w in ways}
         for i, (src_f, tgt_f) in enumerate(pairs):
             src = {k: v.to(device) for k, v in collate(src_f, pad).items()}

@@ -632,8 +632,7 @@ class Learner:
             w_src = theta[rows.index].index_select(0, rows.src)
             inputs = [w_src if i == rows.index else p for i, p in enumerate(theta)]
             src_sub, src_in = {rows.name: w_src}, remap_ids(src, rows.src)
-        # finite differences: the shifted forwards replay this forward's dropout masks
-        rng = None if exact else rng_state(next(iter(self.theta.values())).device)
+        rng = rng_state(theta[0].device)  # finite differences: the shifted forwards replay its dropout masks
         with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
             loss_s = self.train_loss(src_in, source, None, params=src_sub)
         # reuse_source_gradient: also the parameters outside the virtual step, for theta's step
@@ -689,7 +688,6 @@ class Learner:
 
             def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
                 shifted = {n: torch.add(b, gm, alpha=sign * eps) for n, b, gm in zip(names, base, g_meta, strict=True)}
-                assert rng is not None
                 with replayed_rng(rng):  # the dropout masks of g_src's forward, at both shifts
                     loss_sh = self.train_loss(src_in, source, None, params=shifted)
                 return torch.autograd.grad(loss_sh, self.phi, allow_unused=True)
@@ -742,8 +740,7 @@ class Learner:
 
         # (1) g = grad_theta L_train(theta, phi); a graph through g is kept for the exact mode.
         # Fused attention kernels have no double backward: the exact mode uses the math kernel.
-        # finite differences: the shifted forwards replay this forward's dropout masks
-        rng = None if exact else rng_state(next(iter(self.theta.values())).device)
+        rng = rng_state(theta[0].device)  # finite differences: the shifted forwards replay its dropout masks
         with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
             loss = self.train_loss(src, source, tgt)
         raw = torch.autograd.grad(loss, theta, create_graph=exact, allow_unused=True)
@@ -774,7 +771,6 @@ class Learner:
                 shifted = {
                     n: (p.detach() + sign * eps * gm) for n, p, gm in zip(names, theta, g_meta, strict=True)
                 }
-                assert rng is not None
                 with replayed_rng(rng):  # the dropout masks of g's forward, at both shifts
                     loss_s = self.train_loss(src, source, tgt, params=shifted)
                 return torch.autograd.grad(loss_s, self.phi, allow_unused=True)
