@@ -60,8 +60,8 @@ def flat(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.detach().reshape(-1).double() for g in grads])
 
 
-def real_batches(cfg: TrainConfig, n_batches: int, seed: int) -> tuple[Any, list[tuple[Any, Any]], int, list[str], str]:
-    """The model's tokenizer, ``n_batches`` (source, target) feature lists, the pad id, labels, task."""
+def real_batches(cfg: TrainConfig, n_batches: int, seed: int) -> tuple[list[tuple[Any, Any]], int, list[str], str]:
+    """``n_batches`` (source, target) feature lists, the tokenizer's pad id, the labels and the task."""
     from metaxl.models import load_tokenizer
     from metaxl.tasks import encode
     from metaxl.train import batches, prepare_data
@@ -76,7 +76,7 @@ def real_batches(cfg: TrainConfig, n_batches: int, seed: int) -> tuple[Any, list
     tgt_b = list(batches(tgt, cfg.tgt_batch_size, gen))
     pairs = [(src_b[i % len(src_b)], tgt_b[i % len(tgt_b)]) for i in range(n_batches)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return tokenizer, pairs, pad, data.labels, data.task
+    return pairs, pad, data.labels, data.task
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown := [w for w in ways if w not in WAYS]:
         raise SystemExit(f"--ways: unknown {unknown}; choose from {list(WAYS)}")
     device = torch.device(args.device)
-    _, pairs, pad, labels, task = real_batches(cfg, args.batches, args.seed)
+    pairs, pad, labels, task = real_batches(cfg, args.batches, args.seed)
     machine = machine_fields(device)
     print(machine_line(machine))
     print(f"model {args.model}, {task} {args.target} <- {args.source}, {args.batches} real batches of "
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dtype = getattr(torch, args.dtype)
         model.to(device=device, dtype=dtype)
         inj.to(device=device, dtype=dtype)
-        vcfg = TrainConfig(**{**cfg.to_dict(), "rtn_variant": variant})
+        vcfg = cfg.replace(rtn_variant=variant)
         learner = Learner(model, inj, vcfg, torch.optim.SGD(model.parameters(), lr=0.0), _ConstSched(),
                           torch.optim.SGD(inj.parameters(), lr=0.0), _ConstSched())
         rows: dict[str, dict[str, list[float]]] = {w: {"cos": [], "norm_ratio": []} for w in ways}

@@ -184,7 +184,7 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-RngState = tuple[torch.Tensor, "tuple[int, torch.Tensor] | None"]
+RngState = tuple[torch.Tensor, tuple[int, torch.Tensor] | None]
 
 
 def rng_state(device: torch.device) -> RngState:
