@@ -13,7 +13,8 @@
 #   sweeps  the two study sweeps side by side (--jobs $JOBS each, save_state off), stopped at
 #           DEADLINE seconds after the start; their finished runs -> $OUT/runs.tgz (paths from the
 #           repo root: `tar xzf runs.tgz` there adds them to results/)
-# The repo's src/ and the kit's site/ go on PYTHONPATH: nothing is installed. Unfinished sweep runs
+# At most 7 files land in $OUT (a lent machine returns 8). The repo's src/ and the kit's site/ go on
+# PYTHONPATH: nothing is installed. Unfinished sweep runs
 # are lost with the machine (save_state is off there: writing the state cost more than an epoch).
 set -uo pipefail
 KIT=${KIT:-.kit}
@@ -78,9 +79,9 @@ EOF
     wait "${pids[@]}"
     log "sweeps stopped"
     find results -name results.json -newer "$STAMP" -print0 \
-      | xargs -0 -r grep -l '"status": "finished"' | xargs -r -n1 dirname | sort > "$OUT/new_runs.txt"
-    tar czf "$OUT/runs.tgz" --exclude=train_state --exclude=checkpoint -T "$OUT/new_runs.txt"
-    log "$(wc -l < "$OUT/new_runs.txt") finished runs packed in $OUT/runs.tgz"
+      | xargs -0 -r grep -l '"status": "finished"' | xargs -r -n1 dirname | sort > /tmp/new_runs.txt
+    tar czf "$OUT/runs.tgz" --exclude=train_state --exclude=checkpoint -T /tmp/new_runs.txt
+    log "$(wc -l < /tmp/new_runs.txt) finished runs packed in $OUT/runs.tgz (tar tzf lists them)"
     ;;
   *) log "unknown step '$step' (tests, bench, sweeps)"; exit 2 ;;
   esac
