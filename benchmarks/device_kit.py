@@ -36,10 +36,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEPS = ("examples/sweeps/study_ner.yaml", "examples/sweeps/study_sa.yaml")
 DEFAULT_EXTRA = ("masakhaner2:luo", "masakhaner2:en", "nusax:balinese", "nusax:indonesian")
 """The benchmarks' and the demo's corpora (step_cost, hypergrad_agreement, ``metaxl demo``)."""
@@ -63,37 +62,24 @@ SPLITS = ("train", "dev", "test")
 # ----------------------------------------------------------------------------------------------
 def sweep_datasets(sweeps: Iterable[str | Path]) -> list[str]:
     """The data set names the runs of ``sweeps`` read (targets, and sources unless target-only)."""
-    from metaxl.sweep import expand_sweep, load_sweep
+    from metaxl.sweep import _data_specs, expand_sweep, load_sweep
 
     names: dict[str, None] = {}
     for path in sweeps:
         for run in expand_sweep(load_sweep(path)):
-            c = run.config
-            names[c.target] = None
-            if c.method != "target-only":
-                names.update(dict.fromkeys(c.source))
+            names.update(dict.fromkeys(_data_specs(run.config)))
     return list(names)
 
 
-def _corpus_folder(name: str, data_dir: str | Path | None) -> Path:
+def _corpus(name: str, data_dir: str | Path | None) -> tuple[Path, list[Any]]:
+    """The local folder of ``name`` and every example of its splits (sentiment: all labels kept)."""
     from metaxl.data import resolve_dataset
 
     corpus = resolve_dataset(name, data_dir, sa_labels="all")
     folder = Path(corpus.location)
     if not folder.is_dir():
         raise SystemExit(f"{name}: not a local corpus folder ({corpus.location}); the kit copies local data only")
-    return folder
-
-
-def texts_of(name: str, data_dir: str | Path | None) -> list[Any]:
-    """Every example of every split of ``name`` (sentiment with all labels kept)."""
-    from metaxl.data import resolve_dataset
-
-    corpus = resolve_dataset(name, data_dir, sa_labels="all")
-    out: list[Any] = []
-    for split in SPLITS:
-        out += corpus.load(split)
-    return out
+    return folder, [ex for split in SPLITS for ex in corpus.load(split)]
 
 
 def token_ids(examples: Sequence[Any], tokenizer: Any) -> set[int]:
@@ -124,6 +110,7 @@ def build(out: Path, datasets: Sequence[str], data_dir: str | Path | None, check
     from transformers import PreTrainedTokenizerFast
 
     from metaxl.e5 import read_bin, source_tokenizer
+    from metaxl.train import code_version
 
     t0 = time.perf_counter()
     if out.exists():
@@ -136,16 +123,16 @@ def build(out: Path, datasets: Sequence[str], data_dir: str | Path | None, check
     used.update(int(i) for i in tokenizer.all_special_ids)
     per_corpus: dict[str, int] = {}
     for name in tqdm(datasets, desc="corpora", file=sys.stderr):
-        folder = _corpus_folder(name, data_dir)
+        folder, examples = _corpus(name, data_dir)
         dest = out / "data" / folder.parent.name / folder.name
         if not dest.exists():
             shutil.copytree(folder, dest)
-        ids = token_ids(texts_of(name, data_dir), tokenizer)
+        ids = token_ids(examples, tokenizer)
         per_corpus[name] = len(ids)
         used |= ids
     rows = np.array(sorted(used), dtype=np.int64)
     t = b.tensors[EMBEDDING]
-    vocab, hidden = b.shape(EMBEDDING)
+    vocab = b.shape(EMBEDDING)[0]
     row_bytes = t.nbytes // vocab
     if row_bytes * vocab != t.nbytes or rows.max() >= vocab:
         raise SystemExit(f"unexpected layout of {EMBEDDING} in {b.path}")
@@ -164,8 +151,6 @@ def build(out: Path, datasets: Sequence[str], data_dir: str | Path | None, check
     if notice.is_file():
         shutil.copyfile(notice, out / "NOTICE")
     for pkg in SITE_PACKAGES:
-        import importlib
-
         mod = importlib.import_module(pkg)
         shutil.copytree(Path(mod.__file__).parent, out / "site" / pkg,
                         ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
@@ -176,7 +161,7 @@ def build(out: Path, datasets: Sequence[str], data_dir: str | Path | None, check
         "ids_per_corpus": per_corpus,
         "source": str(b.path),
         "source_sha256": hashlib.sha256(b.data).hexdigest(),
-        "code": _git_commit(),
+        "code": code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -185,14 +170,6 @@ def build(out: Path, datasets: Sequence[str], data_dir: str | Path | None, check
     if check:
         manifest["check"] = check_kit(out, datasets, data_dir)
     return manifest
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +223,7 @@ def check_kit(kit: Path, datasets: Sequence[str], data_dir: str | Path | None, p
         b = AutoModel.from_pretrained(full_dir).eval()
         worst, n = 0.0, 0
         for name in datasets:
-            ex = texts_of(name, data_dir)
+            ex = _corpus(name, data_dir)[1]
             step = max(1, len(ex) // per_corpus)
             sample = ex[::step][:per_corpus]
             texts = [" ".join(e.tokens) if isinstance(e, NERExample) else e.text for e in sample]
