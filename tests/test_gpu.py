@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_meta import _setup
+from test_meta import _setup, with_dropout
 from test_train import _cfg
 
 from metaxl.meta import enable_gradient_checkpointing
@@ -71,9 +71,7 @@ def test_cuda_finite_differences_replay_the_dropout_masks():
     the exact hypergradient on the GPU (float64, so attention runs on the math kernel in both modes
     and draws its masks like every other dropout)."""
     model, inj, learner, src, tgt, meta = _setup("plain", (0, 2), "ner")
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.2
+    with_dropout(model, 0.2)
     model.cuda().train()
     inj.cuda()
     src, tgt, meta = ({k: v.cuda() for k, v in b.items()} for b in (src, tgt, meta))

@@ -47,6 +47,13 @@ def _setup(variant="plain", layers=(2,), task="ner", hypergrad="exact", virtual_
     return model, inj, learner, batch(3), batch(2), batch(2)
 
 
+def with_dropout(model, p):
+    """Set every dropout of ``model`` to ``p`` (the tiny config has none, so masks do not matter)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
 def meta_objective(model, inj, learner, src, tgt, meta, names, lrs=None):
     """F(phi) = L_meta(theta - a * grad_theta L_train(theta, phi)), computed from scratch
     (``lrs``: a per-parameter virtual-step lr by name instead of A)."""
@@ -126,9 +133,7 @@ def test_finite_differences_replay_the_dropout_masks(path):
     with the exact hypergradient ~0.1 before the fix); with them, FD agrees with exact (plain RTN).
     ``joint``: the GradScaler (fp16) code path, which differentiates L_src + L_tgt together."""
     model, inj, learner, src, tgt, meta = _setup("plain", (0, 2), "ner")
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.2
+    with_dropout(model, 0.2)
     model.train()
     learner.cfg.fd_epsilon = 1e-4
 
