@@ -452,3 +452,33 @@ def test_holm_adjustment() -> None:
     out = holm([math.nan, 0.02, math.nan])  # undefined p-values are not part of the family
     assert math.isnan(out[0]) and math.isnan(out[2]) and out[1] == pytest.approx(0.02)
     assert holm([]) == []
+
+
+def test_bar_chart_legend_does_not_cover_the_target_names(tmp_path: Path) -> None:
+    """Nine columns turn the target names by 30 degrees; the legend used to sit under the axes, on
+    top of them (seen on the study's SA chart once toba_batak made it eight targets)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from metaxl.report import bar_figure
+
+    runs = tmp_path / "runs"
+    targets = [f"nusax:{name}" for name in ("acehnese", "balinese", "banjarese", "buginese", "madurese",
+                                            "minangkabau", "ngaju", "toba_batak")]
+    for i, t in enumerate(targets):
+        write_run(runs, f"to/{i}", method="target-only", target=t, source=None, seed=1, f1=70.0 + i,
+                  task="sa", source_size=None)
+        for j, (method, src) in enumerate((("jt", "nusax:english"), ("metaxl", "nusax:english"),
+                                          ("jt", "nusax:indonesian"), ("metaxl", "nusax:indonesian"))):
+            write_run(runs, f"{method}/{src}/{i}", method=method, target=t, source=[src], seed=1,
+                      f1=72.0 + i + j, task="sa")
+    table = make_report(runs, out=tmp_path / "report", related=lambda t: ("nusax:indonesian", "test")).tables[0]
+    assert len(table.targets) == 8 and len(table.rows) == 5
+    fig = bar_figure(table, "test f1")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    names = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+    assert [t.get_text() for t in ax.get_xticklabels()][-1] == "avg" and all(n.width > 0 for n in names)
+    assert not any(legend.overlaps(n) for n in names)
+    assert not legend.overlaps(ax.get_window_extent(renderer))  # nor the bars

@@ -762,9 +762,15 @@ def bar_axis_limits(lo: float, hi: float) -> tuple[float, float]:
 
 
 def plot_table(table: Table, path: Path, ylabel: str) -> None:
-    """Grouped bar chart: targets (+ avg) on x, one bar per setting, its value on top, error bars = std
-    over seeds (only where a cell has 2 or more). The y axis starts at a multiple of 10 below the
-    lowest bar (0 when the bars span 40 points or more), so differences of a point or two stay visible."""
+    """Write :func:`bar_figure` of ``table`` as a PNG at ``path``."""
+    bar_figure(table, ylabel).savefig(path, dpi=110, bbox_inches="tight")
+
+
+def bar_figure(table: Table, ylabel: str) -> Any:
+    """Grouped bar chart (a matplotlib ``Figure``): targets (+ avg) on x, one bar per setting, its value
+    on top, error bars = std over seeds (only where a cell has 2 or more), the legend right of the
+    axes. The y axis starts at a multiple of 10 below the lowest bar (0 when the bars span 40 points
+    or more), so differences of a point or two stay visible."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -808,10 +814,10 @@ def plot_table(table: Table, path: Path, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(table.title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(
-        fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(4, nrows), frameon=False
-    )
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    # beside the axes, not under them: below, it ran into the rotated target names
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if nrows <= 12 else 2,
+              frameon=False)
+    return fig
 
 
 @dataclass
