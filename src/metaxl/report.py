@@ -24,7 +24,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from .config import TrainConfig
 from .errors import MetaXLError
@@ -766,8 +769,8 @@ def plot_table(table: Table, path: Path, ylabel: str) -> None:
     bar_figure(table, ylabel).savefig(path, dpi=110, bbox_inches="tight")
 
 
-def bar_figure(table: Table, ylabel: str) -> Any:
-    """Grouped bar chart (a matplotlib ``Figure``): targets (+ avg) on x, one bar per setting, its value
+def bar_figure(table: Table, ylabel: str) -> Figure:
+    """Grouped bar chart: targets (+ avg) on x, one bar per setting, its value
     on top, error bars = std over seeds (only where a cell has 2 or more), the legend right of the
     axes. The y axis starts at a multiple of 10 below the lowest bar (0 when the bars span 40 points
     or more), so differences of a point or two stay visible."""
