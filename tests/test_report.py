@@ -457,8 +457,6 @@ def test_holm_adjustment() -> None:
 def test_bar_chart_legend_does_not_cover_the_target_names(tmp_path: Path) -> None:
     """Nine columns turn the target names by 30 degrees; the legend used to sit under the axes, on
     top of them (seen on the study's SA chart once toba_batak made it eight targets)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     from metaxl.report import bar_figure
 
     runs = tmp_path / "runs"
@@ -474,7 +472,7 @@ def test_bar_chart_legend_does_not_cover_the_target_names(tmp_path: Path) -> Non
     table = make_report(runs, out=tmp_path / "report", related=lambda t: ("nusax:indonesian", "test")).tables[0]
     assert len(table.targets) == 8 and len(table.rows) == 5
     fig = bar_figure(table, "test f1")
-    renderer = FigureCanvasAgg(fig).get_renderer()
+    renderer = fig.canvas.get_renderer()  # the Agg canvas bar_figure attached
     fig.draw(renderer)
     ax = fig.axes[0]
     legend = ax.get_legend().get_window_extent(renderer)
