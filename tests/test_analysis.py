@@ -312,6 +312,49 @@ def test_sa_one_vector_per_sentence_first_token(sa_model, tokenizer) -> None:  #
     torch.testing.assert_close(plain, vecs)
 
 
+def test_ner_left_padding_takes_the_shifted_first_subwords(ner_model, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    # One batch of all four sentences, left-padded: each word's vector sits right of its row's pads.
+    tokenizer.padding_side = "left"
+    try:
+        vecs = collect_representations(ner_model, tokenizer, "ner", SENTS, layer=2, batch_size=4)
+        enc = tokenizer(SENTS, is_split_into_words=True, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    assert enc["attention_mask"][3, 0] == 0  # ["running"] is left-padded
+    with torch.no_grad():
+        hs = ner_model(**enc, output_hidden_states=True).hidden_states[2]
+    ref = []
+    for b in range(len(SENTS)):
+        seen = set()
+        for pos, wid in enumerate(enc.word_ids(b)):
+            if wid is not None and wid not in seen:
+                seen.add(wid)
+                ref.append(hs[b, pos])
+    torch.testing.assert_close(vecs, torch.stack(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_are_tokenized_once(ner_model, sa_model, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    class Counting:
+        def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+            self.inner, self.calls, self.texts = inner, 0, 0
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(self.inner, name)
+
+        def __call__(self, texts, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            self.texts += len(texts)
+            return self.inner(texts, **kwargs)
+
+    counting = Counting(tokenizer)
+    vecs = collect_representations(ner_model, counting, "ner", SENTS, layer=2, batch_size=2)
+    assert (counting.calls, counting.texts) == (1, len(SENTS))
+    torch.testing.assert_close(vecs, reference_ner(ner_model, tokenizer, SENTS, 2), atol=1e-5, rtol=1e-5)
+    counting = Counting(tokenizer)
+    collect_representations(sa_model, counting, "sa", ["a dog", "the cats sat"], batch_size=1)
+    assert (counting.calls, counting.texts) == (1, 2)
+
+
 def test_sa_left_padding_uses_first_real_token(sa_model, tokenizer) -> None:  # type: ignore[no-untyped-def]
     texts = ["the cats sat on the mat", "a dog"]
     tokenizer.padding_side = "left"

@@ -302,12 +302,14 @@ def collect_representations(
 
     # Empty word lists have no vectors (and the tokenizer may reject them).
     keep_idx = [i for i, x in enumerate(inputs) if not (task == "ner" and not x)]
-    # Length-sorted batches pad to lengths close to their own; vectors go back to the given order.
-    lengths = tokenizer(
+    # Tokenized once, unpadded; each batch is padded here (to its own longest row), and the batches
+    # are formed from length-sorted inputs (less padding); vectors go back to the given order.
+    encoded = tokenizer(
         [inputs[i] for i in keep_idx], is_split_into_words=(task == "ner"), truncation=True,
-        max_length=max_length,
-    )["input_ids"] if keep_idx else []
-    order = [keep_idx[j] for j in sorted(range(len(keep_idx)), key=lambda j: len(lengths[j]))]
+        max_length=max_length, return_attention_mask=True,
+    ) if keep_idx else None
+    row_of = {i: j for j, i in enumerate(keep_idx)}
+    order = sorted(keep_idx, key=lambda i: len(encoded["input_ids"][row_of[i]]))  # type: ignore[index]
     per_input: dict[int, torch.Tensor] = {}
     was_training = bool(getattr(model, "training", False))
     model.eval()
@@ -316,20 +318,9 @@ def collect_representations(
             starts = range(0, len(order), batch_size)
             for start in tqdm(starts, desc=desc or f"encoding ({task})", disable=not progress, leave=False):
                 idx = order[start : start + batch_size]
-                batch = [inputs[i] for i in idx]
-                enc = tokenizer(
-                    batch,
-                    is_split_into_words=(task == "ner"),
-                    truncation=True,
-                    max_length=max_length,
-                    padding=True,
-                    return_tensors="pt",
-                )
-                feed = {
-                    k: v.to(run_device)
-                    for k, v in enc.items()
-                    if k in ("input_ids", "attention_mask", "token_type_ids")
-                }
+                rows = [row_of[i] for i in idx]
+                enc, shifts = _pad_rows(tokenizer, encoded, rows)
+                feed = {k: v.to(run_device) for k, v in enc.items()}
                 out = model(**feed, output_hidden_states=True, return_dict=True)
                 hidden_states = getattr(out, "hidden_states", None)
                 if hidden_states is None:
@@ -340,18 +331,18 @@ def collect_representations(
                 if task == "ner":
                     for b, i in enumerate(idx):
                         previous, cols = None, []
-                        for pos, wid in enumerate(enc.word_ids(b)):
+                        for pos, wid in enumerate(encoded.word_ids(rows[b])):  # type: ignore[union-attr]
                             if wid is not None and wid != previous:
-                                cols.append(pos)
+                                cols.append(pos + shifts[b])
                             previous = wid
                         if cols:
                             per_input[i] = hidden[b, torch.tensor(cols, device=hidden.device)].float().cpu()
                 else:
                     mask = enc["attention_mask"].to(hidden.device)
                     first = mask.argmax(dim=1)  # first real token, also with left padding
-                    rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), first].float().cpu()
+                    firsts = hidden[torch.arange(hidden.shape[0], device=hidden.device), first].float().cpu()
                     for b, i in enumerate(idx):
-                        per_input[i] = rows[b : b + 1]
+                        per_input[i] = firsts[b : b + 1]
     finally:
         model.train(was_training)
 
@@ -363,6 +354,33 @@ def collect_representations(
         keep = torch.randperm(vectors.shape[0], generator=gen)[:max_vectors].sort().values
         vectors = vectors[keep]
     return vectors
+
+
+def _pad_rows(tokenizer: Any, encoded: Any, rows: Sequence[int]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Rows ``rows`` of an unpadded encoding as padded tensors, on the tokenizer's padding side.
+
+    Returns the model inputs (input_ids, attention_mask and, when the tokenizer makes them,
+    token_type_ids) and, per row, how far its tokens moved right (its left padding).
+    """
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    pad_values = {
+        "input_ids": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        "attention_mask": 0,
+        "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0,
+    }
+    width = max(len(encoded["input_ids"][r]) for r in rows)
+    shifts = [width - len(encoded["input_ids"][r]) if left else 0 for r in rows]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in pad_values.items():
+        if key not in encoded:
+            continue
+        padded = []
+        for r in rows:
+            seq = list(encoded[key][r])
+            fill = [value] * (width - len(seq))
+            padded.append(fill + seq if left else seq + fill)
+        out[key] = torch.tensor(padded, dtype=torch.long)
+    return out, shifts
 
 
 # ----------------------------------------------------------------------------------------------
