@@ -480,3 +480,38 @@ def test_bar_chart_legend_does_not_cover_the_target_names(tmp_path: Path) -> Non
     assert [t.get_text() for t in ax.get_xticklabels()][-1] == "avg" and all(n.width > 0 for n in names)
     assert not any(legend.overlaps(n) for n in names)
     assert not legend.overlaps(ax.get_window_extent(renderer))  # nor the bars
+
+
+def test_pairs_csv_and_paired_figure_show_every_pair(tmp_path: Path) -> None:
+    from metaxl.report import paired_figure
+
+    runs = tmp_path / "runs"
+    make_runs(runs)
+    res = make_report(runs, related=related)
+    with open(res.out_dir / "pairs.csv") as f:
+        rows = list(csv.DictReader(f))
+    want = [(c.kind, t, s, m, j) for c in res.comparisons for t, s, m, j in c.pairs]
+    assert len(rows) == len(want) == 12  # 2 source kinds x 2 targets x 3 seeds
+    for r, (kind, t, s, m, j) in zip(rows, want, strict=True):
+        assert (r["source"], r["target"], int(r["seed"])) == (kind, t, s)
+        assert float(r["diff"]) == pytest.approx(m - j)
+        assert float(r["treatment_value"]) - float(r["control_value"]) == pytest.approx(m - j)
+        assert (m, j) == (VALUES[("metaxl", kind)][t][s - 1], VALUES[("jt", kind)][t][s - 1])
+    text = res.markdown_path.read_text()
+    assert "![Paired differences MetaXL − JT](paired.png)" in text
+    assert (res.out_dir / "paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    fig = paired_figure(res.comparisons)
+    ax = fig.axes[0]
+    # one dot per pair at its difference, one black diamond per comparison at the mean difference
+    dots = sorted(float(x) for coll in ax.collections for x, _ in coll.get_offsets()
+                  if coll.get_facecolor()[0][:3].tolist() != [0.0, 0.0, 0.0])
+    assert dots == pytest.approx(sorted(m - j for _, _, _, m, j in want))
+    means = sorted(float(x) for coll in ax.collections if len(coll.get_offsets())
+                   and coll.get_facecolor()[0][:3].tolist() == [0.0, 0.0, 0.0] for x, _ in coll.get_offsets())
+    assert means == pytest.approx(sorted(c.stats.mean for c in res.comparisons))
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[-1].startswith("MetaXL (en) − JT (en)\nn=6")  # the first comparison on top
+
+    no_plots = make_report(runs, out=tmp_path / "np", related=related, plots=False)
+    assert not (no_plots.out_dir / "paired.png").exists() and (no_plots.out_dir / "pairs.csv").exists()

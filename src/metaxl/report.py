@@ -823,6 +823,71 @@ def bar_figure(table: Table, ylabel: str) -> Figure:
     return fig
 
 
+def _short_target(spec: str) -> str:
+    return spec.split(":", 1)[-1]
+
+
+def paired_figure(comparisons: Sequence[Comparison], holm_p: Sequence[float] | None = None) -> Figure:
+    """Paired differences MetaXL − JT, one line per comparison: every (target, seed) pair as a dot
+    (its target's colour, the same across lines), the mean as a black diamond with its 95% CI, a
+    line at 0. The y labels give the table, the source kind, n, wins/losses and the t-test p (and
+    Holm p). A look shows what the paired table's mean hides: whether one target drives it.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    comps = list(comparisons)
+    adj = list(holm_p) if holm_p is not None else [math.nan] * len(comps)
+    targets = sorted({t for c in comps for t, _, _, _ in c.pairs})
+    palette = colormaps["tab10" if len(targets) <= 10 else "tab20"]
+    colour = {t: palette(i % palette.N) for i, t in enumerate(targets)}
+    one_table = len({c.table for c in comps}) == 1
+    # x range: the dots, the means and the intervals of 3 or more pairs (a 2-pair t interval is
+    # wide enough to flatten everything else; it is drawn cut, with an arrow at the cut end)
+    xs = [m - j for c in comps for _, _, m, j in c.pairs] + [c.stats.mean for c in comps]
+    xs += [v for c in comps if c.stats.n >= 3 for v in (c.stats.ci_low, c.stats.ci_high)]
+    xs = [v for v in xs if not math.isnan(v)] + [0.0]
+    pad = 0.08 * ((max(xs) - min(xs)) or 1.0)
+    lo, hi = min(xs) - pad, max(xs) + pad
+    fig = Figure(figsize=(9.0, 1.2 + (0.75 if one_table else 0.9) * max(1, len(comps))))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    labels = []
+    for y, (c, hp) in enumerate(zip(comps, adj, strict=True)):
+        ypos = len(comps) - 1 - y  # the first comparison on top, as in the table
+        diffs = [(t, s, m - j) for t, s, m, j in c.pairs]
+        offsets = [((k % 5) - 2) * 0.06 for k in range(len(diffs))]  # a little spread, deterministic
+        for (t, _, d), off in zip(diffs, offsets, strict=True):
+            ax.scatter([d], [ypos + 0.12 + off], s=18, color=colour[t], alpha=0.85, zorder=3)
+        st = c.stats
+        if not math.isnan(st.ci_low):
+            ax.plot([max(st.ci_low, lo), min(st.ci_high, hi)], [ypos - 0.18] * 2, color="black",
+                    linewidth=1.5, zorder=2)
+            for end, edge, mark in ((st.ci_low, lo, "<"), (st.ci_high, hi, ">")):
+                if (end < edge) if mark == "<" else (end > edge):
+                    ax.scatter([edge], [ypos - 0.18], marker=mark, s=30, color="black", zorder=4, clip_on=False)
+        ax.scatter([st.mean], [ypos - 0.18], marker="D", s=36, color="black", zorder=4)
+        p_text = f"p {_p(st.t_p)}" + (f", Holm {_p(hp)}" if not math.isnan(hp) else "")
+        head = f"{c.treatment} − {c.control}" if one_table else f"{c.table}\n{c.treatment} − {c.control}"
+        labels.append(f"{head}\nn={st.n}, {st.wins}/{st.losses} W/L, {p_text}")
+    ax.set_xlim(lo, hi)
+    ax.axvline(0.0, color="grey", linewidth=1, linestyle="--", zorder=1)
+    ax.set_yticks(range(len(comps)))
+    ax.set_yticklabels(list(reversed(labels)), fontsize=7.5)
+    ax.set_ylim(-0.7, len(comps) - 0.3)
+    ax.set_xlabel("MetaXL − JT (points); diamond: mean with 95% CI; dots: (target, seed) pairs")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Paired differences MetaXL − JT" + (f": {comps[0].table}" if comps and one_table else ""))
+    handles = [
+        ax.scatter([], [], s=18, color=colour[t], label=_short_target(t)) for t in targets
+    ]
+    if handles:
+        ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False, title="target", title_fontsize="small")
+    return fig
+
+
 @dataclass
 class ReportResult:
     """What :func:`make_report` wrote and computed."""
@@ -947,6 +1012,13 @@ def make_report(
                 f"[{_num(s.ci_low)}, {_num(s.ci_high)}] | {s.wins}/{s.losses}/{s.ties} | {_p(s.t_p)} | "
                 f"{_p(s.wilcoxon_p)} | {_p(adj)} |"
             )
+        md += [
+            "",
+            "Every pair is in `pairs.csv` (target, seed, both scores, the difference)"
+            + (", and drawn in `paired.png`:" if plots else "."),
+        ]
+        if plots:
+            md += ["", "![Paired differences MetaXL − JT](paired.png)"]
     else:
         md.append("No MetaXL and JT runs with matching (target, source, source size, seed) to pair.")
     md.append("")
@@ -992,6 +1064,20 @@ def make_report(
                 ]
             )
     files.append(sig_path)
+    pairs_path = out_dir / "pairs.csv"
+    with open(pairs_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["table", "source", "treatment", "control", "target", "seed", "treatment_value",
+                    "control_value", "diff"])
+        for c in comparisons:
+            for target, seed, x, y in c.pairs:
+                w.writerow([c.table, c.kind, c.treatment, c.control, target, seed, _csv_num(x), _csv_num(y),
+                            _csv_num(x - y)])
+    files.append(pairs_path)
+    if plots and comparisons:
+        png = out_dir / "paired.png"
+        paired_figure(comparisons, holm_p).savefig(png, dpi=110, bbox_inches="tight")
+        files.append(png)
     failed = [r for r in records if r.status in ("failed", "unreadable")]
     md += ["## Failed runs", ""]
     if failed:
