@@ -1158,7 +1158,7 @@ def register_cli(subparsers: Any) -> None:
         "report",
         help="paper-style tables, significance tests and charts from a folder of runs",
         description="Read every results.json under RUNS_DIR and write report.md, one CSV and PNG per table, "
-        "significance.csv and runs.csv. See docs/sweeps.md.",
+        "significance.csv, pairs.csv, paired.png and runs.csv. See docs/sweeps.md.",
     )
     p.add_argument("runs_dir", help="folder of runs (e.g. a sweep's --runs-dir)")
     p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report)")
