@@ -879,9 +879,10 @@ def paired_figure(comparisons: Sequence[Comparison], holm_p: Sequence[float] | N
     ax.set_xlabel("MetaXL − JT (points); diamond: mean with 95% CI; dots: (target, seed) pairs")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Paired differences MetaXL − JT" + (f": {comps[0].table}" if comps and one_table else ""))
-    handles = [
-        ax.scatter([], [], s=18, color=colour[t], label=_short_target(t)) for t in targets
-    ]
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=5, color=colour[t], label=_short_target(t))
+               for t in targets]
     if handles:
         ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
                   frameon=False, title="target", title_fontsize="small")
