@@ -505,7 +505,7 @@ def test_pairs_csv_and_paired_figure_show_every_pair(tmp_path: Path) -> None:
     ax = fig.axes[0]
     # one dot per pair at its difference, one black diamond per comparison at the mean difference
     dots = sorted(float(x) for coll in ax.collections for x, _ in coll.get_offsets()
-                  if coll.get_facecolor()[0][:3].tolist() != [0.0, 0.0, 0.0])
+                  if len(coll.get_offsets()) and coll.get_facecolor()[0][:3].tolist() != [0.0, 0.0, 0.0])
     assert dots == pytest.approx(sorted(m - j for _, _, _, m, j in want))
     means = sorted(float(x) for coll in ax.collections if len(coll.get_offsets())
                    and coll.get_facecolor()[0][:3].tolist() == [0.0, 0.0, 0.0] for x, _ in coll.get_offsets())

@@ -823,10 +823,6 @@ def bar_figure(table: Table, ylabel: str) -> Figure:
     return fig
 
 
-def _short_target(spec: str) -> str:
-    return spec.split(":", 1)[-1]
-
-
 def paired_figure(comparisons: Sequence[Comparison], holm_p: Sequence[float] | None = None) -> Figure:
     """Paired differences MetaXL − JT, one line per comparison: every (target, seed) pair as a dot
     (its target's colour, the same across lines), the mean as a black diamond with its 95% CI, a
@@ -856,10 +852,10 @@ def paired_figure(comparisons: Sequence[Comparison], holm_p: Sequence[float] | N
     labels = []
     for y, (c, hp) in enumerate(zip(comps, adj, strict=True)):
         ypos = len(comps) - 1 - y  # the first comparison on top, as in the table
-        diffs = [(t, s, m - j) for t, s, m, j in c.pairs]
-        offsets = [((k % 5) - 2) * 0.06 for k in range(len(diffs))]  # a little spread, deterministic
-        for (t, _, d), off in zip(diffs, offsets, strict=True):
-            ax.scatter([d], [ypos + 0.12 + off], s=18, color=colour[t], alpha=0.85, zorder=3)
+        # one dot per pair, spread a little up and down (deterministic) so that close ones stay visible
+        ax.scatter([m - j for _, _, m, j in c.pairs],
+                   [ypos + 0.12 + ((k % 5) - 2) * 0.06 for k in range(len(c.pairs))],
+                   s=18, color=[colour[t] for t, _, _, _ in c.pairs], alpha=0.85, zorder=3)
         st = c.stats
         if not math.isnan(st.ci_low):
             ax.plot([max(st.ci_low, lo), min(st.ci_high, hi)], [ypos - 0.18] * 2, color="black",
@@ -881,7 +877,7 @@ def paired_figure(comparisons: Sequence[Comparison], holm_p: Sequence[float] | N
     ax.set_title("Paired differences MetaXL − JT" + (f": {comps[0].table}" if comps and one_table else ""))
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], marker="o", linestyle="", markersize=5, color=colour[t], label=_short_target(t))
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=5, color=colour[t], label=_short(t))
                for t in targets]
     if handles:
         ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
