@@ -860,9 +860,9 @@ def paired_figure(comparisons: Sequence[Comparison], holm_p: Sequence[float] | N
         if not math.isnan(st.ci_low):
             ax.plot([max(st.ci_low, lo), min(st.ci_high, hi)], [ypos - 0.18] * 2, color="black",
                     linewidth=1.5, zorder=2)
-            for end, edge, mark in ((st.ci_low, lo, "<"), (st.ci_high, hi, ">")):
-                if (end < edge) if mark == "<" else (end > edge):
-                    ax.scatter([edge], [ypos - 0.18], marker=mark, s=30, color="black", zorder=4, clip_on=False)
+            cut = [(lo, "<")] * (st.ci_low < lo) + [(hi, ">")] * (st.ci_high > hi)  # arrows at cut ends
+            for edge, mark in cut:
+                ax.scatter([edge], [ypos - 0.18], marker=mark, s=30, color="black", zorder=4, clip_on=False)
         ax.scatter([st.mean], [ypos - 0.18], marker="D", s=36, color="black", zorder=4)
         p_text = f"p {_p(st.t_p)}" + (f", Holm {_p(hp)}" if not math.isnan(hp) else "")
         head = f"{c.treatment} − {c.control}" if one_table else f"{c.table}\n{c.treatment} − {c.control}"
