@@ -332,6 +332,31 @@ def test_runs_failures_and_reruns(tmp_path: Path, fake_train: Path) -> None:
     assert state["runs"]["ner/masakhaner2-failing/jt/src-masakhaner2-en/n1000/seed1"]["launches"] == 2
 
 
+def test_busy_cpus_get_a_thread_note_unless_threads_are_set(
+    tmp_path: Path, fake_train: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Children get cores // jobs threads; on CPUs that other work already uses, the sweep says
+    how to avoid oversubscribing them (4x slower runs, measured) and stays quiet when the user
+    set the threads or the machine is idle."""
+    monkeypatch.setattr(sweep_mod, "_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    cfg = small_sweep(tmp_path, ["masakhaner2:luo"])
+
+    def sweep_text(load: float, runs: str) -> str:
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+        out = io.StringIO()
+        assert run_sweep(cfg, runs_dir=tmp_path / runs, jobs=1, progress=False, out=out).finished == 1
+        return out.getvalue()
+
+    busy = sweep_text(1.9, "busy")
+    assert "1-minute load average 1.9 on 2 cores" in busy and "gets 2 threads" in busy
+    assert "OMP_NUM_THREADS=1" in busy
+    assert "CPUs are busy" not in sweep_text(0.2, "idle")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert "CPUs are busy" not in sweep_text(1.9, "set")
+
+
 def test_progress_bar_shows_the_running_runs_epochs(
     tmp_path: Path, fake_train: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

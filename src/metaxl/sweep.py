@@ -957,6 +957,32 @@ class SweepOutcome:
         return 1 if (self.failed or self.skipped_failed) else 0
 
 
+def busy_cpu_note(load: float, cores: int, jobs: int) -> str | None:
+    """A warning for a local sweep started on a machine whose CPUs are already busy, else None.
+
+    Each child gets ``cores // jobs`` threads (``_thread_env``), chosen as if the sweep had the
+    machine to itself. When other work already keeps some cores busy (another sweep, a training
+    run), threads beyond the free cores make PyTorch's CPU kernels wait on each other: on the
+    project's 2-core machine a target-only NER run with 2 threads beside a 1-thread run took 165 s
+    per epoch against 41 s with 1 thread (docs/sweeps.md). ``load`` is the 1-minute load average.
+
+    >>> busy_cpu_note(load=0.1, cores=2, jobs=1) is None
+    True
+    >>> print(busy_cpu_note(load=1.2, cores=2, jobs=1))
+    note: the CPUs are busy already (1-minute load average 1.2 on 2 cores) and each run of this sweep gets 2 threads; if that other work keeps going, runs can be several times slower: start the sweep with OMP_NUM_THREADS=1 (threads of all processes <= cores), or stop the other work
+    """
+    threads = max(1, cores // max(1, jobs))
+    free = cores - load
+    if threads <= 1 or jobs * threads <= free + 0.5:
+        return None
+    return (
+        f"note: the CPUs are busy already (1-minute load average {load:.1f} on {cores} cores) and each run "
+        f"of this sweep gets {threads} threads; if that other work keeps going, runs can be several times "
+        f"slower: start the sweep with OMP_NUM_THREADS={max(1, int((free + 0.5) // jobs))} (threads of "
+        f"all processes <= cores), or stop the other work"
+    )
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -1390,6 +1416,10 @@ def run_sweep(
         else:
             jobs = jobs or 1
             env = _thread_env(_cores() // jobs)
+            if "OMP_NUM_THREADS" in env and hasattr(os, "getloadavg"):
+                note = busy_cpu_note(os.getloadavg()[0], _cores(), jobs)
+                if note:
+                    print(note, file=out)
         runner = _Runner(rdir, todo, state, prefix, env, out, grace_s)
 
         def handler(signum: int, frame: types.FrameType | None) -> None:
