@@ -114,3 +114,23 @@ def test_results_md_paired_table_matches_the_significance_csvs(reports: dict[str
         assert wl == f"{r['wins']}/{r['losses']}"
         for shown, value in [(tp, r["ttest_p"]), (wp, r["wilcoxon_p"]), (hp, r["ttest_p_holm"])]:
             assert float(shown) == pytest.approx(float(value), abs=0.00051)
+
+
+def test_results_md_by_target_table_matches_the_significance_csvs(reports: dict[str, ReportResult]) -> None:
+    names = {"NER, source size 200": "NER", "SA (binary labels), source size 200": "SA binary",
+             "SA (3way labels), source size 200": "SA 3-way"}
+    fresh = []
+    for study, _ in STUDIES[:2]:
+        with open(reports[study].out_dir / "significance.csv") as f:
+            fresh += [r for r in csv.DictReader(f) if r["table"] in names]
+    doc = next(t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][:3] == ["table", "source", "targets"])
+    got = {(r[0], r[1]): r for r in doc[1:]}
+    assert len(got) == len(fresh), "docs/results.md's by-target table should have one row per comparison"
+    for r in fresh:
+        _, _, n, mean, ci, wl, tp, wp, hp = got[(names[r["table"]], r["source"])]
+        assert int(n) == int(r["targets"]) and wl == f"{r['target_wins']}/{r['target_losses']}"
+        assert float(mean) == pytest.approx(float(r["target_mean_diff"]), abs=0.0051)
+        lo, hi = (float(x) for x in ci.strip("[]").split(","))
+        assert (lo, hi) == pytest.approx((float(r["target_ci_low"]), float(r["target_ci_high"])), abs=0.0051)
+        for shown, value in [(tp, r["target_ttest_p"]), (wp, r["target_wilcoxon_p"]), (hp, r["target_ttest_p_holm"])]:
+            assert float(shown) == pytest.approx(float(value), abs=0.00051)

@@ -231,6 +231,17 @@ def test_tables_stats_and_outputs(tmp_path: Path) -> None:
     want = [lo if p == min(p1, p2) else max(lo, p) for p in (p1, p2)]
     assert [float(r["ttest_p_holm"]) for r in sig] == pytest.approx(want)
     assert "| t-test p | Wilcoxon p | Holm p |" in text and "2 comparison(s) of this report" in text
+    # by target: each target's seeds averaged first, then the same statistics over targets
+    per: dict[str, list[float]] = {}
+    for target, _, x, y in res.comparisons[0].pairs:
+        per.setdefault(target, []).append(x - y)
+    d = [sum(v) / len(v) for v in per.values()]
+    m, sd = sum(d) / len(d), statistics.stdev(d)
+    assert int(sig[0]["targets"]) == len(d) == 2 and len(res.comparisons[0].pairs) == 6
+    assert float(sig[0]["target_mean_diff"]) == pytest.approx(m)
+    assert float(sig[0]["target_ttest_p"]) == pytest.approx(2 * stats.t.sf(abs(m / (sd / math.sqrt(2))), 1))
+    assert int(sig[0]["target_wins"]) + int(sig[0]["target_losses"]) == 2
+    assert "| NER, source size 1000 | en | MetaXL (en) − JT (en) | 2 |" in text
     png = res.out_dir / "ner_n1000.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 

@@ -338,6 +338,26 @@ class Comparison:
     stats: PairedStats
     pairs: list[tuple[str, int, float, float]]  # (target, seed, metaxl, jt)
 
+    def by_target(self) -> PairedStats:
+        """The same comparison with each target's seeds averaged first: n = targets.
+
+        Two seeds of one target share its data and are not independent draws; tested over
+        targets, a difference has to hold across languages, not only across a few languages'
+        seeds.
+
+        >>> c = Comparison("t", "en", "MetaXL", "JT", paired_stats([1.0], [0.0]),
+        ...                [("luo", 1, 60.0, 62.0), ("luo", 2, 58.0, 60.0), ("wol", 1, 50.0, 51.0)])
+        >>> s = c.by_target()
+        >>> (s.n, s.mean, s.wins, s.losses)
+        (2, -1.5, 0, 2)
+        """
+        per: dict[str, list[tuple[float, float]]] = {}
+        for target, _, x, y in self.pairs:
+            per.setdefault(target, []).append((x, y))
+        a = [sum(x for x, _ in v) / len(v) for v in per.values()]
+        b = [sum(y for _, y in v) / len(v) for v in per.values()]
+        return paired_stats(a, b)
+
 
 def _fmt_value(key: str, value: Any) -> str:
     if key == "rtn_layers" and isinstance(value, list):
@@ -990,6 +1010,7 @@ def make_report(
             md += [f"![{table.title}]({png.name})", ""]
     md += ["## Paired comparison: MetaXL − JT", ""]
     holm_p = holm([c.stats.t_p for c in comparisons])
+    holm_t = holm([c.by_target().t_p for c in comparisons])
     if comparisons:
         md.append(
             "Runs paired on (task, target, source, source size, seed); n = (language, seed) pairs; "
@@ -1009,6 +1030,24 @@ def make_report(
                 f"[{_num(s.ci_low)}, {_num(s.ci_high)}] | {s.wins}/{s.losses}/{s.ties} | {_p(s.t_p)} | "
                 f"{_p(s.wilcoxon_p)} | {_p(adj)} |"
             )
+    if any(len(c.pairs) > c.by_target().n for c in comparisons):  # else the same table again
+        md += [
+            "",
+            "By target: each target's seeds averaged first, so n = targets (seeds of one target share "
+            "its data; this asks whether the difference holds across languages). Same columns; Holm "
+            "over the same comparisons.",
+            "",
+            "| table | source | comparison | targets | mean Δ | 95% CI | wins/losses/ties | t-test p | Wilcoxon p | Holm p |",
+            "|---|---|---|---:|---:|---|---|---:|---:|---:|",
+        ]
+        for c, adj in zip(comparisons, holm_t, strict=True):
+            s = c.by_target()
+            md.append(
+                f"| {c.table} | {c.kind} | {c.treatment} − {c.control} | {s.n} | {_num(s.mean)} | "
+                f"[{_num(s.ci_low)}, {_num(s.ci_high)}] | {s.wins}/{s.losses}/{s.ties} | {_p(s.t_p)} | "
+                f"{_p(s.wilcoxon_p)} | {_p(adj)} |"
+            )
+    if comparisons:
         md += [
             "",
             "Every pair is in `pairs.csv` (target, seed, both scores, the difference)"
@@ -1038,10 +1077,19 @@ def make_report(
                 "ttest_p",
                 "wilcoxon_p",
                 "ttest_p_holm",
+                "targets",
+                "target_mean_diff",
+                "target_ci_low",
+                "target_ci_high",
+                "target_wins",
+                "target_losses",
+                "target_ttest_p",
+                "target_wilcoxon_p",
+                "target_ttest_p_holm",
             ]
         )
-        for c, adj in zip(comparisons, holm_p, strict=True):
-            s = c.stats
+        for c, adj, adj_t in zip(comparisons, holm_p, holm_t, strict=True):
+            s, t = c.stats, c.by_target()
             w.writerow(
                 [
                     c.table,
@@ -1058,6 +1106,15 @@ def make_report(
                     _csv_num(s.t_p),
                     _csv_num(s.wilcoxon_p),
                     _csv_num(adj),
+                    t.n,
+                    _csv_num(t.mean),
+                    _csv_num(t.ci_low),
+                    _csv_num(t.ci_high),
+                    t.wins,
+                    t.losses,
+                    _csv_num(t.t_p),
+                    _csv_num(t.wilcoxon_p),
+                    _csv_num(adj_t),
                 ]
             )
     files.append(sig_path)
