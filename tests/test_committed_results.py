@@ -94,43 +94,28 @@ def test_results_md_score_tables_match_the_reports(reports: dict[str, ReportResu
             assert [_mean(c) for c in cells[1:]] == want, f"{title}, {row.label}"
 
 
-def test_results_md_paired_table_matches_the_significance_csvs(reports: dict[str, ReportResult]) -> None:
+@pytest.mark.parametrize(
+    ("third_column", "prefix"), [("n", ""), ("targets", "target_")], ids=["pairs", "by-target"]
+)
+def test_results_md_paired_tables_match_the_significance_csvs(
+    reports: dict[str, ReportResult], third_column: str, prefix: str
+) -> None:
+    """The paired table of docs/results.md (n = (target, seed) pairs) and its by-target one."""
     names = {"NER, source size 200": "NER", "SA (binary labels), source size 200": "SA binary",
              "SA (3way labels), source size 200": "SA 3-way"}
     fresh = []
     for study, _ in STUDIES[:2]:
         with open(reports[study].out_dir / "significance.csv") as f:
             fresh += [r for r in csv.DictReader(f) if r["table"] in names]
-    doc = next(t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][:2] == ["table", "source"])
+    doc = next(t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][:3] == ["table", "source", third_column])
     got = {(r[0], r[1]): r for r in doc[1:]}
-    assert len(got) == len(fresh), "docs/results.md's paired table should have one row per comparison"
-    for r in fresh:
-        row = got[(names[r["table"]], r["source"])]
-        _, _, n, mean, ci, wl, tp, wp, hp = row
-        assert int(n) == int(r["n"])
-        assert float(mean) == pytest.approx(float(r["mean_diff"]), abs=0.0051)
-        lo, hi = (float(x) for x in ci.strip("[]").split(","))
-        assert (lo, hi) == pytest.approx((float(r["ci_low"]), float(r["ci_high"])), abs=0.0051)
-        assert wl == f"{r['wins']}/{r['losses']}"
-        for shown, value in [(tp, r["ttest_p"]), (wp, r["wilcoxon_p"]), (hp, r["ttest_p_holm"])]:
-            assert float(shown) == pytest.approx(float(value), abs=0.00051)
-
-
-def test_results_md_by_target_table_matches_the_significance_csvs(reports: dict[str, ReportResult]) -> None:
-    names = {"NER, source size 200": "NER", "SA (binary labels), source size 200": "SA binary",
-             "SA (3way labels), source size 200": "SA 3-way"}
-    fresh = []
-    for study, _ in STUDIES[:2]:
-        with open(reports[study].out_dir / "significance.csv") as f:
-            fresh += [r for r in csv.DictReader(f) if r["table"] in names]
-    doc = next(t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][:3] == ["table", "source", "targets"])
-    got = {(r[0], r[1]): r for r in doc[1:]}
-    assert len(got) == len(fresh), "docs/results.md's by-target table should have one row per comparison"
+    assert len(got) == len(fresh), f"docs/results.md's {third_column} table should have one row per comparison"
     for r in fresh:
         _, _, n, mean, ci, wl, tp, wp, hp = got[(names[r["table"]], r["source"])]
-        assert int(n) == int(r["targets"]) and wl == f"{r['target_wins']}/{r['target_losses']}"
-        assert float(mean) == pytest.approx(float(r["target_mean_diff"]), abs=0.0051)
+        assert int(n) == int(r["targets" if prefix else "n"])
+        assert wl == f"{r[prefix + 'wins']}/{r[prefix + 'losses']}"
+        assert float(mean) == pytest.approx(float(r[prefix + "mean_diff"]), abs=0.0051)
         lo, hi = (float(x) for x in ci.strip("[]").split(","))
-        assert (lo, hi) == pytest.approx((float(r["target_ci_low"]), float(r["target_ci_high"])), abs=0.0051)
-        for shown, value in [(tp, r["target_ttest_p"]), (wp, r["target_wilcoxon_p"]), (hp, r["target_ttest_p_holm"])]:
-            assert float(shown) == pytest.approx(float(value), abs=0.00051)
+        assert (lo, hi) == pytest.approx((float(r[prefix + "ci_low"]), float(r[prefix + "ci_high"])), abs=0.0051)
+        for shown, key in [(tp, "ttest_p"), (wp, "wilcoxon_p"), (hp, "ttest_p_holm")]:
+            assert float(shown) == pytest.approx(float(r[prefix + key]), abs=0.00051)
