@@ -736,6 +736,15 @@ def table_markdown(table: Table) -> str:
     return "\n".join(lines)
 
 
+def _paired_row(c: Comparison, s: PairedStats, adj: float) -> str:
+    """A Markdown row of the paired tables: ``s`` is ``c.stats`` or ``c.by_target()``, ``adj`` its Holm p."""
+    return (
+        f"| {c.table} | {c.kind} | {c.treatment} − {c.control} | {s.n} | {_num(s.mean)} | "
+        f"[{_num(s.ci_low)}, {_num(s.ci_high)}] | {s.wins}/{s.losses}/{s.ties} | {_p(s.t_p)} | "
+        f"{_p(s.wilcoxon_p)} | {_p(adj)} |"
+    )
+
+
 def _csv_num(x: float) -> str:
     return "" if x is None or math.isnan(x) else repr(float(x))
 
@@ -1010,7 +1019,8 @@ def make_report(
             md += [f"![{table.title}]({png.name})", ""]
     md += ["## Paired comparison: MetaXL − JT", ""]
     holm_p = holm([c.stats.t_p for c in comparisons])
-    holm_t = holm([c.by_target().t_p for c in comparisons])
+    by_target = [c.by_target() for c in comparisons]
+    holm_t = holm([t.t_p for t in by_target])
     if comparisons:
         md.append(
             "Runs paired on (task, target, source, source size, seed); n = (language, seed) pairs; "
@@ -1023,14 +1033,8 @@ def make_report(
             "| table | source | comparison | n | mean Δ | 95% CI | wins/losses/ties | t-test p | Wilcoxon p | Holm p |",
             "|---|---|---|---:|---:|---|---|---:|---:|---:|",
         ]
-        for c, adj in zip(comparisons, holm_p, strict=True):
-            s = c.stats
-            md.append(
-                f"| {c.table} | {c.kind} | {c.treatment} − {c.control} | {s.n} | {_num(s.mean)} | "
-                f"[{_num(s.ci_low)}, {_num(s.ci_high)}] | {s.wins}/{s.losses}/{s.ties} | {_p(s.t_p)} | "
-                f"{_p(s.wilcoxon_p)} | {_p(adj)} |"
-            )
-    if any(len(c.pairs) > c.by_target().n for c in comparisons):  # else the same table again
+        md += [_paired_row(c, c.stats, adj) for c, adj in zip(comparisons, holm_p, strict=True)]
+    if any(len(c.pairs) > t.n for c, t in zip(comparisons, by_target, strict=True)):  # else the same table again
         md += [
             "",
             "By target: each target's seeds averaged first, so n = targets (seeds of one target share "
@@ -1040,13 +1044,7 @@ def make_report(
             "| table | source | comparison | targets | mean Δ | 95% CI | wins/losses/ties | t-test p | Wilcoxon p | Holm p |",
             "|---|---|---|---:|---:|---|---|---:|---:|---:|",
         ]
-        for c, adj in zip(comparisons, holm_t, strict=True):
-            s = c.by_target()
-            md.append(
-                f"| {c.table} | {c.kind} | {c.treatment} − {c.control} | {s.n} | {_num(s.mean)} | "
-                f"[{_num(s.ci_low)}, {_num(s.ci_high)}] | {s.wins}/{s.losses}/{s.ties} | {_p(s.t_p)} | "
-                f"{_p(s.wilcoxon_p)} | {_p(adj)} |"
-            )
+        md += [_paired_row(c, t, adj) for c, t, adj in zip(comparisons, by_target, holm_t, strict=True)]
     if comparisons:
         md += [
             "",
@@ -1088,8 +1086,8 @@ def make_report(
                 "target_ttest_p_holm",
             ]
         )
-        for c, adj, adj_t in zip(comparisons, holm_p, holm_t, strict=True):
-            s, t = c.stats, c.by_target()
+        for c, t, adj, adj_t in zip(comparisons, by_target, holm_p, holm_t, strict=True):
+            s = c.stats
             w.writerow(
                 [
                     c.table,

@@ -1414,10 +1414,10 @@ def run_sweep(
             gpus = float(num_gpus if num_gpus is not None else spec.ray.get("num_gpus", 0))
             env = _thread_env(max(1, int(cpus)))
         else:
-            jobs = jobs or 1
-            env = _thread_env(_cores() // jobs)
+            jobs, cores = jobs or 1, _cores()
+            env = _thread_env(cores // jobs)
             if "OMP_NUM_THREADS" in env and hasattr(os, "getloadavg"):
-                note = busy_cpu_note(os.getloadavg()[0], _cores(), jobs)
+                note = busy_cpu_note(os.getloadavg()[0], cores, jobs)
                 if note:
                     print(note, file=out)
         runner = _Runner(rdir, todo, state, prefix, env, out, grace_s)
