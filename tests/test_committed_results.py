@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from metaxl.report import ReportResult, make_report
+from metaxl.report import ReportResult, coverage_markdown, make_report
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = [("study_ner", "ner"), ("study_sa", "sa"), ("ablation", "ablation")]
 RESULTS_MD = REPO / "docs" / "results.md"
+NAMES = {"NER, source size 200": "NER", "SA (binary labels), source size 200": "SA binary",
+         "SA (3way labels), source size 200": "SA 3-way"}
+"""docs/results.md's short names of the study's report tables, in its order."""
 
 
 def _table_lines(markdown: str) -> list[str]:
@@ -101,8 +104,7 @@ def test_results_md_paired_tables_match_the_significance_csvs(
     reports: dict[str, ReportResult], third_column: str, prefix: str
 ) -> None:
     """The paired table of docs/results.md (n = (target, seed) pairs) and its by-target one."""
-    names = {"NER, source size 200": "NER", "SA (binary labels), source size 200": "SA binary",
-             "SA (3way labels), source size 200": "SA 3-way"}
+    names = NAMES
     fresh = []
     for study, _ in STUDIES[:2]:
         with open(reports[study].out_dir / "significance.csv") as f:
@@ -119,3 +121,13 @@ def test_results_md_paired_tables_match_the_significance_csvs(
         assert (lo, hi) == pytest.approx((float(r[prefix + "ci_low"]), float(r[prefix + "ci_high"])), abs=0.0051)
         for shown, key in [(tp, "ttest_p"), (wp, "wilcoxon_p"), (hp, "ttest_p_holm")]:
             assert float(shown) == pytest.approx(float(r[prefix + key]), abs=0.00051)
+
+
+def test_results_md_coverage_table_counts_the_committed_runs(reports: dict[str, ReportResult]) -> None:
+    """The table of targets finished per setting and seed at the top of docs/results.md."""
+    tables = {t.title: t for study, _ in STUDIES[:2] for t in reports[study].tables}
+    fresh = coverage_markdown([tables[title] for title in NAMES], NAMES)
+    doc = next(t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][:2] == ["table", "setting"])
+    assert doc == _md_section_tables(fresh)[0], (
+        "docs/results.md's runs-per-seed table is stale: regenerate it from the reports' 'Runs finished per seed'"
+    )

@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from metaxl.errors import MetaXLError
-from metaxl.report import cell_stats, make_report, paired_stats
+from metaxl.report import cell_stats, coverage_markdown, make_report, paired_stats
 
 REPO = Path(__file__).resolve().parents[1]
 RELATED = {"masakhaner2:luo": "masakhaner2:swa", "masakhaner2:wol": "masakhaner2:fr"}
@@ -356,11 +356,25 @@ def test_average_of_targets_with_different_seed_counts_names_both_counts(tmp_pat
     assert (avg.mean, avg.n, avg.seed_counts) == (51.0, 1, (1, 3))  # mean of the cell means; ± over seed 1 only
     rows = md_table(res.markdown_path.read_text(), "NER, source size 1000")
     assert rows[2] == ["JT (en)", "62.00 ± 2.00 (n=3)", "40.00 (n=1)", "51.00 (n=1–3)"]
+    # progress: how many of the table's targets have each seed
+    section = res.markdown_path.read_text().split("## Runs finished per seed\n", 1)[1].split("\n## ", 1)[0]
+    assert [line for line in section.splitlines() if line.startswith("|")] == [
+        "| table | setting | seed 1 | seed 2 | seed 3 |",
+        "|---|---|---:|---:|---:|",
+        "| NER, source size 1000 | JT (en) | 2/2 | 1/2 | 1/2 |",
+    ]
     # the CSV says the same: avg n is the seeds its std is over (1), seeds min/max the targets' counts
     data = list(csv.DictReader((tmp_path / "out" / "ner_n1000.csv").open()))
     jt = next(r for r in data if r["setting"] == "JT (en)")
     assert (jt["luo n"], jt["wol n"]) == ("3", "1")
     assert (float(jt["avg mean"]), jt["avg n"], jt["avg seeds min"], jt["avg seeds max"]) == (51.0, "1", "1", "3")
+    write_run(runs, "wol/3", method="jt", target="masakhaner2:wol", source=["masakhaner2:en"], seed=3, f1=41.0)
+    write_run(runs, "to/5", method="target-only", target="masakhaner2:luo", source=None, seed=5, f1=30.0)
+    res = make_report(runs, tmp_path / "out", related=None)
+    assert coverage_markdown(res.tables, {"NER, source size 1000": "NER"}).splitlines()[2:] == [
+        "| NER | target only | – | – | – | 1/2 |",
+        "| NER | JT (en) | 2/2 | 1/2 | 2/2 | – |",
+    ]
 
 
 def test_helpers() -> None:

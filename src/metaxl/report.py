@@ -300,6 +300,8 @@ class Row:
     avg: Cell
     avg_shared: Cell | None = None
     """Mean over the targets that every row of the table has (when some row lacks one)."""
+    seeds: dict[str, list[int]] = field(default_factory=dict)
+    """Per target, the seeds of its finished runs."""
 
 
 @dataclass
@@ -616,7 +618,8 @@ def build_tables(entries: list[_Entry]) -> tuple[list[Table], list[str]]:
                 avg = _average(per_target, cells, present)
                 avg.partial = len(present) < len(targets)
                 e0 = first[label]
-                rows.append(Row(label, e0.method, e0.kind, cells, avg))
+                seeds = {t: sorted(per_target[t]) for t in per_target}
+                rows.append(Row(label, e0.method, e0.kind, cells, avg, seeds=seeds))
             shared = [t for t in targets if all(t in rows_by_label[lb] for lb in rows_by_label)]
             if shared and len(shared) < len(targets):
                 for row in rows:
@@ -733,6 +736,29 @@ def table_markdown(table: Table) -> str:
         if table.shared:
             cells.append(_cell_text(row.avg_shared, show_n))
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def coverage_markdown(tables: Sequence[Table], names: dict[str, str] | None = None) -> str:
+    """Markdown table of how many targets each setting has finished, per seed: a partial sweep's
+    progress at a glance (``names`` shortens table titles).
+
+    >>> rows = [Row("JT (en)", "jt", "en", {}, cell_stats([]), seeds={"x:luo": [1, 2], "x:bam": [1]})]
+    >>> print(coverage_markdown([Table("NER", "ner", "ner", "", 200, ["x:bam", "x:luo"], ["bam", "luo"], rows)]))
+    | table | setting | seed 1 | seed 2 |
+    |---|---|---:|---:|
+    | NER | JT (en) | 2/2 | 1/2 |
+    """
+    seeds = sorted({s for t in tables for r in t.rows for ss in r.seeds.values() for s in ss})
+    lines = [
+        "| table | setting | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---:|" * len(seeds),
+    ]
+    for t in tables:
+        for r in t.rows:
+            counts = [sum(s in ss for ss in r.seeds.values()) for s in seeds]
+            cells = [f"{c}/{len(t.targets)}" if c else "–" for c in counts]
+            lines.append(f"| {(names or {}).get(t.title, t.title)} | {r.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -1130,6 +1156,15 @@ def make_report(
         png = out_dir / "paired.png"
         paired_figure(comparisons, holm_p).savefig(png, dpi=110, bbox_inches="tight")
         files.append(png)
+    if any(r.seeds for t in tables for r in t.rows):
+        md += [
+            "## Runs finished per seed",
+            "",
+            "Targets with a finished run of each setting and seed (of the table's targets; – none).",
+            "",
+            coverage_markdown(tables),
+            "",
+        ]
     failed = [r for r in records if r.status in ("failed", "unreadable")]
     md += ["## Failed runs", ""]
     if failed:
