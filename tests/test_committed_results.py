@@ -104,16 +104,15 @@ def test_results_md_paired_tables_match_the_significance_csvs(
     reports: dict[str, ReportResult], third_column: str, prefix: str
 ) -> None:
     """The paired table of docs/results.md (n = (target, seed) pairs) and its by-target one."""
-    names = NAMES
     fresh = []
     for study, _ in STUDIES[:2]:
         with open(reports[study].out_dir / "significance.csv") as f:
-            fresh += [r for r in csv.DictReader(f) if r["table"] in names]
+            fresh += [r for r in csv.DictReader(f) if r["table"] in NAMES]
     doc = next(t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][:3] == ["table", "source", third_column])
     got = {(r[0], r[1]): r for r in doc[1:]}
     assert len(got) == len(fresh), f"docs/results.md's {third_column} table should have one row per comparison"
     for r in fresh:
-        _, _, n, mean, ci, wl, tp, wp, hp = got[(names[r["table"]], r["source"])]
+        _, _, n, mean, ci, wl, tp, wp, hp = got[(NAMES[r["table"]], r["source"])]
         assert int(n) == int(r["targets" if prefix else "n"])
         assert wl == f"{r[prefix + 'wins']}/{r[prefix + 'losses']}"
         assert float(mean) == pytest.approx(float(r[prefix + "mean_diff"]), abs=0.0051)
