@@ -357,6 +357,21 @@ def test_busy_cpus_get_a_thread_note_unless_threads_are_set(
     assert "CPUs are busy" not in sweep_text(1.9, "set")
 
 
+def test_more_jobs_than_cores_get_a_note(tmp_path: Path, fake_train: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs beyond the cores only time-shares them on the CPU: the sweep says so, and runs anyway."""
+    monkeypatch.setattr(sweep_mod, "_cores", lambda: 2)
+    cfg = small_sweep(tmp_path, ["masakhaner2:luo", "masakhaner2:wol", "masakhaner2:ewe"])
+
+    def sweep_text(jobs: int, runs: str) -> str:
+        out = io.StringIO()
+        assert run_sweep(cfg, runs_dir=tmp_path / runs, jobs=jobs, progress=False, out=out).finished == 3
+        return out.getvalue()
+
+    text = sweep_text(3, "three")
+    assert "--jobs 3 on 2 cores" in text and "use --jobs 2 unless they train on a GPU" in text
+    assert "--jobs" not in sweep_text(2, "two")
+
+
 def test_progress_bar_shows_the_running_runs_epochs(
     tmp_path: Path, fake_train: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

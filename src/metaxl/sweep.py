@@ -983,6 +983,28 @@ def busy_cpu_note(load: float, cores: int, jobs: int) -> str | None:
     )
 
 
+def too_many_jobs_note(cores: int, jobs: int) -> str | None:
+    """A note for a local sweep asked to run more runs at once than the machine has cores, else None.
+
+    Each child then gets one thread (``_thread_env``) and the children time-share the cores: on
+    the CPU, runs beyond the cores finish no sooner overall, each run takes longer, and all of
+    them hold their memory at once. On a GPU machine more runs than cores can pay (the GPU does
+    the work), hence a note, not an error.
+
+    >>> too_many_jobs_note(cores=2, jobs=2) is None
+    True
+    >>> print(too_many_jobs_note(cores=2, jobs=4))
+    note: --jobs 4 on 2 cores: if the runs train on the CPU, the 4 runs time-share 2 cores, so each is slower, they finish no sooner than with --jobs 2, and all 4 hold their memory at once; use --jobs 2 unless they train on a GPU
+    """
+    if jobs <= cores:
+        return None
+    return (
+        f"note: --jobs {jobs} on {cores} cores: if the runs train on the CPU, the {jobs} runs time-share "
+        f"{cores} cores, so each is slower, they finish no sooner than with --jobs {cores}, and all {jobs} "
+        f"hold their memory at once; use --jobs {cores} unless they train on a GPU"
+    )
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -1416,6 +1438,9 @@ def run_sweep(
         else:
             jobs, cores = jobs or 1, _cores()
             env = _thread_env(cores // jobs)
+            note = too_many_jobs_note(cores, jobs)
+            if note:
+                print(note, file=out)
             if "OMP_NUM_THREADS" in env and hasattr(os, "getloadavg"):
                 note = busy_cpu_note(os.getloadavg()[0], cores, jobs)
                 if note:
