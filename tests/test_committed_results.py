@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from metaxl.report import ReportResult, coverage_markdown, make_report
+from metaxl.report import ReportResult, Table, coverage_markdown, make_report
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = [("study_ner", "ner"), ("study_sa", "sa"), ("ablation", "ablation")]
@@ -76,13 +76,17 @@ def _mean(cell: str) -> str:
     return m.group(0)
 
 
+def _study_tables(reports: dict[str, ReportResult]) -> list[Table]:
+    """The study's report tables (NER, SA binary, SA 3-way), in docs/results.md's order."""
+    by_title = {t.title: t for study, _ in STUDIES[:2] for t in reports[study].tables}
+    return [by_title[title] for title in NAMES]
+
+
 def test_results_md_score_tables_match_the_reports(reports: dict[str, ReportResult]) -> None:
-    tables = {t.title: t for study, _ in STUDIES[:2] for t in reports[study].tables}
     docs = [t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][0] == "setting"]
-    titles = ["NER, source size 200", "SA (binary labels), source size 200", "SA (3way labels), source size 200"]
-    assert len(docs) == len(titles), "docs/results.md should have one score table per report table"
-    for doc, title in zip(docs, titles, strict=True):
-        report_table = tables[title]
+    assert len(docs) == len(NAMES), "docs/results.md should have one score table per report table"
+    for doc, report_table in zip(docs, _study_tables(reports), strict=True):
+        title = report_table.title
         header = [re.sub(r" \(.*\)$", "", h) for h in doc[0][1:]]  # 'balinese (3 seeds)' -> 'balinese'
         expected_header = [*report_table.columns, "avg"] + (
             [f"avg of the {len(report_table.shared)} shared"] if report_table.shared else []
@@ -124,8 +128,7 @@ def test_results_md_paired_tables_match_the_significance_csvs(
 
 def test_results_md_coverage_table_counts_the_committed_runs(reports: dict[str, ReportResult]) -> None:
     """The table of targets finished per setting and seed at the top of docs/results.md."""
-    tables = {t.title: t for study, _ in STUDIES[:2] for t in reports[study].tables}
-    fresh = coverage_markdown([tables[title] for title in NAMES], NAMES)
+    fresh = coverage_markdown(_study_tables(reports), NAMES)
     doc = next(t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][:2] == ["table", "setting"])
     assert doc == _md_section_tables(fresh)[0], (
         "docs/results.md's runs-per-seed table is stale: regenerate it from the reports' 'Runs finished per seed'"
