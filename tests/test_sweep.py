@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,7 +71,20 @@ FAKE_TRAIN = textwrap.dedent(
     print("training", cfg["target"], cfg["method"], flush=True)
     if os.environ.get("FAKE_EPOCH_LINE"):
         print("epoch 1/2: loss 1.0000  dev f1 50.00  (best)  [1s]", flush=True)
-    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    sleep = float(json.loads(os.environ.get("FAKE_SLEEPS", "{}")).get(cfg["target"], os.environ.get("FAKE_SLEEP", "0")))
+    if os.environ.get("FAKE_FOLLOW_THREADS") and os.environ.get("METAXL_THREADS_FILE"):
+        from metaxl.threads import ThreadsFile  # as the training loop does: print each new thread count
+
+        follower, end = ThreadsFile.from_env(every_s=0), time.monotonic() + sleep
+        while True:
+            n = follower.poll()
+            if n is not None:
+                print("threads", n, flush=True)
+            if time.monotonic() >= end:
+                break
+            time.sleep(0.05)
+    else:
+        time.sleep(sleep)
     if "fail" in cfg["target"] or os.environ.get("FAKE_FAIL"):
         print("Traceback: something went wrong in", cfg["target"], file=sys.stderr)
         sys.exit(1)
@@ -92,6 +106,8 @@ def fake_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("FAKE_SLEEP", raising=False)
     monkeypatch.delenv("FAKE_FAIL", raising=False)
     monkeypatch.delenv("FAKE_EPOCH_LINE", raising=False)
+    monkeypatch.delenv("FAKE_SLEEPS", raising=False)
+    monkeypatch.delenv("FAKE_FOLLOW_THREADS", raising=False)
     return launches
 
 
@@ -370,6 +386,33 @@ def test_more_jobs_than_cores_get_a_note(tmp_path: Path, fake_train: Path, monke
     text = sweep_text(3, "three")
     assert "--jobs 3 on 2 cores" in text and "use --jobs 2 unless they train on a GPU" in text
     assert "--jobs" not in sweep_text(2, "two")
+
+
+def test_the_last_runs_get_the_cores_of_the_runs_that_ended(
+    tmp_path: Path, fake_train: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once no run is left to start, a local sweep raises the threads of the runs still going to
+    cores // running through their threads files (metaxl.threads, followed by the training loop);
+    threads the user set are left alone."""
+    monkeypatch.setattr(sweep_mod, "_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("FAKE_FOLLOW_THREADS", "1")
+    # luo ends first and ewe takes its place (every run started, 2 running: 2 threads each);
+    # when ewe ends, wol is the last one going and gets all 4 cores
+    monkeypatch.setenv("FAKE_SLEEPS", json.dumps({"masakhaner2:luo": 0.2, "masakhaner2:ewe": 1.5, "masakhaner2:wol": 3.0}))
+    cfg = small_sweep(tmp_path, ["masakhaner2:luo", "masakhaner2:wol", "masakhaner2:ewe"])
+
+    def threads_seen(runs: Path) -> dict[str, list[str]]:
+        assert run_sweep(cfg, runs_dir=runs, jobs=2, progress=False, out=io.StringIO()).finished == 3
+        logs = {t: (runs / f"ner/masakhaner2-{t}/jt/src-masakhaner2-en/n1000/seed1/train.log") for t in ("luo", "ewe", "wol")}
+        return {t: re.findall(r"^threads (\d+)$", log.read_text(), re.M) for t, log in logs.items()}
+
+    assert threads_seen(tmp_path / "runs") == {"luo": ["2"], "ewe": ["2"], "wol": ["2", "4"]}
+    assert not (tmp_path / "runs" / sweep_mod.THREADS_DIR).exists()  # each run's file removed, then the folder
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("FAKE_SLEEPS", json.dumps({"masakhaner2:luo": 0.0, "masakhaner2:ewe": 0.0, "masakhaner2:wol": 0.5}))
+    assert threads_seen(tmp_path / "user") == {"luo": [], "ewe": [], "wol": []}
 
 
 def test_progress_bar_shows_the_running_runs_epochs(

@@ -309,3 +309,24 @@ def test_code_version_names_no_commit_outside_this_checkout(tmp_path, monkeypatc
     subprocess.run(["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], check=True)
     monkeypatch.setattr(train_module, "__file__", str(other / "pkg" / "metaxl" / "train.py"))
     assert train_module.code_version() == {"metaxl": metaxl.__version__, "git": None}
+
+
+def test_the_training_loop_takes_the_thread_count_a_sweep_writes(toy_data, tiny_model, tmp_path, monkeypatch):
+    """A sweep raises a run's threads through $METAXL_THREADS_FILE (metaxl.threads); the loop
+    calls torch.set_num_threads with it and says so in its log."""
+    from metaxl.threads import THREADS_FILE_ENV, write_threads
+
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    path = tmp_path / "threads"
+    write_threads(path, wanted)
+    monkeypatch.setenv(THREADS_FILE_ENV, str(path))
+    lines: list[str] = []
+    try:
+        res = train(_cfg(toy_data, tiny_model, tmp_path / "run", method="jt", epochs=1), log=lines.append)
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+    assert res["status"] == "finished"
+    said = [line for line in lines if line.startswith("threads:")]
+    assert said == [f"threads: {before} -> {wanted} (set by the sweep through ${THREADS_FILE_ENV})"]

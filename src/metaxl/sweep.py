@@ -26,6 +26,7 @@ finished runs, resumes unfinished ones and (with ``--retry-failed``) re-runs fai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -50,6 +51,7 @@ import yaml
 
 from .config import TrainConfig, parse_list
 from .errors import ConfigError, DataError, MetaXLError
+from .threads import THREADS_FILE_ENV, write_threads
 
 __all__ = [
     "SweepSpec",
@@ -74,6 +76,7 @@ DEFAULT_TRAIN_COMMAND = ("{python}", "-m", "metaxl", "train")
 STATE_FILE = "sweep_state.json"
 FAILED_MARKER = "FAILED"
 LOCK_FILE = ".sweep.lock"
+THREADS_DIR = ".threads"  # the running runs' threads files (metaxl.threads), removed as they end
 
 # grid key -> TrainConfig field
 GRID_ALIASES = {
@@ -1087,6 +1090,7 @@ class _Runner:
         env: dict[str, str],
         out: TextIO,
         grace_s: float,
+        cores: int | None = None,
     ) -> None:
         self.runs_dir = runs_dir
         self.runs = runs
@@ -1101,6 +1105,11 @@ class _Runner:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.outcome: dict[str, str] = {}
         self.by_name = {r.name: r for r in runs}
+        # local backend, threads chosen by the sweep: each running run's thread count, raised
+        # (cores // running) through its threads file once no run is left to start
+        self.cores = cores
+        self.threads: dict[str, int] = {}
+        self.started = 0
 
     # -- preparing and concluding a run (driver side, shared by both backends) --
     def prepare(self, run: PlannedRun) -> Path:
@@ -1158,10 +1167,24 @@ class _Runner:
         return "failed"
 
     # -- local backend --
+    def _threads_file(self, run: PlannedRun) -> Path:
+        return self.runs_dir / THREADS_DIR / (run.name.replace("/", "__") + ".threads")
+
     def _run_local(self, run: PlannedRun) -> str:
+        with self.lock:
+            self.started += 1
         if self.stop.is_set():
             return "not started"
         rdir = self.prepare(run)
+        env = self.env
+        if self.cores is not None:
+            threads = int(self.env["OMP_NUM_THREADS"])
+            path = self._threads_file(run)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_threads(path, threads)
+            env = {**self.env, THREADS_FILE_ENV: str(path)}
+            with self.lock:
+                self.threads[run.name] = threads
 
         def on_start(proc: subprocess.Popen[bytes]) -> None:
             with self.lock:
@@ -1172,13 +1195,29 @@ class _Runner:
                 _kill_group(proc, signal.SIGTERM)
 
         try:
-            rc = run_child(self.prefix, str(rdir), self.env, f"launch {run.name}", on_start, self.grace_s)
+            rc = run_child(self.prefix, str(rdir), env, f"launch {run.name}", on_start, self.grace_s)
         except OSError as e:
             return self.conclude(run, None, error=f"could not start {self.prefix[0]!r}: {e}")
         finally:
             with self.lock:
                 self.procs.pop(run.name, None)
+                if self.threads.pop(run.name, None) is not None:
+                    self._threads_file(run).unlink(missing_ok=True)
         return self.conclude(run, rc)
+
+    def spread_threads(self) -> None:
+        """Once every run has started, give the cores of the runs that ended to those still going:
+        each gets ``cores // running`` threads (never fewer than it has)."""
+        if self.cores is None or self.stop.is_set():
+            return
+        with self.lock:
+            if self.started < len(self.runs) or not self.threads:
+                return
+            share = max(1, self.cores // len(self.threads))
+            for name, threads in self.threads.items():
+                if threads < share:
+                    write_threads(self._threads_file(self.by_name[name]), share)
+                    self.threads[name] = share
 
     def terminate_all(self, sig: int = signal.SIGTERM) -> None:
         with self.lock:
@@ -1197,6 +1236,7 @@ class _Runner:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 for f in done:
                     self._record(futures[f], f.result(), bar)
+                self.spread_threads()
                 if time.monotonic() - shown_at > PROGRESS_EVERY_S:  # the running runs' epochs, from their logs
                     shown_at = time.monotonic()
                     self._postfix(bar)
@@ -1208,6 +1248,8 @@ class _Runner:
                         self.terminate_all(signal.SIGKILL)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            with contextlib.suppress(OSError):
+                (self.runs_dir / THREADS_DIR).rmdir()  # empty by now (each run removes its file)
 
     # -- ray backend --
     def run_ray(self, jobs: int | None, num_cpus: float, num_gpus: float, bar: Any) -> None:
@@ -1435,9 +1477,11 @@ def run_sweep(
             cpus = float(num_cpus if num_cpus is not None else spec.ray.get("num_cpus", 1))
             gpus = float(num_gpus if num_gpus is not None else spec.ray.get("num_gpus", 0))
             env = _thread_env(max(1, int(cpus)))
+            spread_cores = None  # Ray places the runs; their threads stay as given
         else:
             jobs, cores = jobs or 1, _cores()
             env = _thread_env(cores // jobs)
+            spread_cores = cores if "OMP_NUM_THREADS" in env else None  # the user's threads are left alone
             note = too_many_jobs_note(cores, jobs)
             if note:
                 print(note, file=out)
@@ -1445,7 +1489,7 @@ def run_sweep(
                 note = busy_cpu_note(os.getloadavg()[0], cores, jobs)
                 if note:
                     print(note, file=out)
-        runner = _Runner(rdir, todo, state, prefix, env, out, grace_s)
+        runner = _Runner(rdir, todo, state, prefix, env, out, grace_s, spread_cores)
 
         def handler(signum: int, frame: types.FrameType | None) -> None:
             if runner.stop.is_set():  # second signal: no more grace

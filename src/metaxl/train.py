@@ -35,6 +35,7 @@ import torch
 from .config import TrainConfig
 from .data import Example
 from .errors import ConfigError, DataError
+from .threads import THREADS_FILE_ENV, ThreadsFile
 
 STATE_DIR = "train_state"
 
@@ -394,6 +395,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
 
     tgt_iter = cycle(tgt_feats, cfg.tgt_batch_size, gen, cfg.group_by_length)
     t_start = time.time()
+    threads_file = ThreadsFile.from_env()  # a sweep raises our threads when its other runs have ended
 
     def to_dev(feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in collate(feats, pad_id).items()}
@@ -430,6 +432,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         bar = tqdm(plan, desc=f"epoch {epoch}/{total_epochs} {learner.method}",
                    disable=not cfg.progress or not dist.is_main, leave=False, dynamic_ncols=True)
         for k, src in bar:
+            if threads_file is not None and (n := threads_file.poll()) is not None and n != torch.get_num_threads():
+                log(f"threads: {torch.get_num_threads()} -> {n} (set by the sweep through ${THREADS_FILE_ENV})")
+                torch.set_num_threads(n)
             tgt = next(tgt_iter)
             meta: list[dict[str, Any]] | None = None
             if learner.method == "metaxl" and cfg.meta_batch == "separate":
