@@ -79,12 +79,13 @@ FAKE_TRAIN = textwrap.dedent(
         while True:
             n = follower.poll()
             if n is not None:
-                print("threads", n, flush=True)
+                print("threads", n, time.time(), flush=True)
             if time.monotonic() >= end:
                 break
             time.sleep(0.05)
     else:
         time.sleep(sleep)
+    print("slept until", time.time(), flush=True)
     if "fail" in cfg["target"] or os.environ.get("FAKE_FAIL"):
         print("Traceback: something went wrong in", cfg["target"], file=sys.stderr)
         sys.exit(1)
@@ -400,15 +401,29 @@ def test_the_last_runs_get_the_cores_of_the_runs_that_ended(
     monkeypatch.setenv("FAKE_FOLLOW_THREADS", "1")
     # luo ends first and ewe takes its place (every run started, 2 running: 2 threads each);
     # when ewe ends, wol is the last one going and gets all 4 cores
-    monkeypatch.setenv("FAKE_SLEEPS", json.dumps({"masakhaner2:luo": 0.2, "masakhaner2:ewe": 1.5, "masakhaner2:wol": 3.0}))
+    monkeypatch.setenv("FAKE_SLEEPS", json.dumps({"masakhaner2:luo": 0.2, "masakhaner2:ewe": 1.5, "masakhaner2:wol": 4.0}))
     cfg = small_sweep(tmp_path, ["masakhaner2:luo", "masakhaner2:wol", "masakhaner2:ewe"])
+
+    logs: dict[str, str] = {}
 
     def threads_seen(runs: Path) -> dict[str, list[str]]:
         assert run_sweep(cfg, runs_dir=runs, jobs=2, progress=False, out=io.StringIO()).finished == 3
-        logs = {t: (runs / f"ner/masakhaner2-{t}/jt/src-masakhaner2-en/n1000/seed1/train.log") for t in ("luo", "ewe", "wol")}
-        return {t: re.findall(r"^threads (\d+)$", log.read_text(), re.M) for t, log in logs.items()}
+        for t in ("luo", "ewe", "wol"):
+            logs[t] = (runs / f"ner/masakhaner2-{t}/jt/src-masakhaner2-en/n1000/seed1/train.log").read_text()
+        return {t: re.findall(r"^threads (\d+) ", log, re.M) for t, log in logs.items()}
 
+    # a slow start (here: writing ewe's run folder) must not let wol take ewe's cores meanwhile
+    prepare = sweep_mod._Runner.prepare
+
+    def slow_prepare(self: sweep_mod._Runner, run: sweep_mod.PlannedRun) -> Path:
+        if "ewe" in run.name:
+            time.sleep(0.6)
+        return prepare(self, run)
+
+    monkeypatch.setattr(sweep_mod._Runner, "prepare", slow_prepare)
     assert threads_seen(tmp_path / "runs") == {"luo": ["2"], "ewe": ["2"], "wol": ["2", "4"]}
+    raised_at = float(re.findall(r"^threads 4 (\S+)$", logs["wol"], re.M)[0])
+    assert raised_at >= float(re.findall(r"^slept until (\S+)$", logs["ewe"], re.M)[0])  # only once ewe had ended
     assert not (tmp_path / "runs" / sweep_mod.THREADS_DIR).exists()  # each run's file removed, then the folder
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("FAKE_SLEEPS", json.dumps({"masakhaner2:luo": 0.0, "masakhaner2:ewe": 0.0, "masakhaner2:wol": 0.5}))

@@ -1170,21 +1170,26 @@ class _Runner:
     def _threads_file(self, run: PlannedRun) -> Path:
         return self.runs_dir / THREADS_DIR / (run.name.replace("/", "__") + ".threads")
 
-    def _run_local(self, run: PlannedRun) -> str:
+    def _register(self, run: PlannedRun) -> dict[str, str]:
+        """Count ``run`` as started and, when the sweep chose the threads, give it its threads
+        file; both under the lock, so that ``spread_threads`` never sees every run started but
+        this one's threads not yet counted (it would hand this run's cores to another)."""
         with self.lock:
             self.started += 1
-        if self.stop.is_set():
-            return "not started"
-        rdir = self.prepare(run)
-        env = self.env
-        if self.cores is not None:
+            if self.cores is None:
+                return self.env
             threads = int(self.env["OMP_NUM_THREADS"])
             path = self._threads_file(run)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_threads(path, threads)
-            env = {**self.env, THREADS_FILE_ENV: str(path)}
-            with self.lock:
-                self.threads[run.name] = threads
+            self.threads[run.name] = threads
+            return {**self.env, THREADS_FILE_ENV: str(path)}
+
+    def _run_local(self, run: PlannedRun) -> str:
+        if self.stop.is_set():
+            return "not started"
+        rdir = self.prepare(run)
+        env = self._register(run)
 
         def on_start(proc: subprocess.Popen[bytes]) -> None:
             with self.lock:
