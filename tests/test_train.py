@@ -340,9 +340,11 @@ def test_a_seed_gives_the_same_run_in_fresh_processes(toy_data, tiny_model, tmp_
     import subprocess
     import sys
 
+    from metaxl.threads import THREADS_FILE_ENV
+
     def run(out, hash_seed):
         env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "OMP_NUM_THREADS": "1"}
-        env.pop("METAXL_THREADS_FILE", None)
+        env.pop(THREADS_FILE_ENV, None)  # a sweep's thread changes would not be the run's
         subprocess.run([sys.executable, "-m", "metaxl", "train", "--method", "metaxl", "--target", str(toy_data / "ner-tgt"),
                         "--source", str(toy_data / "ner-src"), "--model", str(tiny_model), "--epochs", "2",
                         "--batch-size", "8", "--target-size", "16", "--source-size", "24", "--lr", "5e-4",
