@@ -48,12 +48,14 @@ $PY benchmarks/device_kit.py install --kit "$KIT" || { log "kit install failed";
 STAMP=$(mktemp)
 sweep_pids=()
 packer=
-pack() {  # the sweeps' runs finished since the start -> $OUT/runs.tgz (written aside, then moved)
+pack() {  # the sweeps' runs finished since the start -> $OUT/runs.tgz (written aside, then moved;
+  # files named by the packing process, so a tar of the killed packer never writes the final one's)
+  local list=/tmp/new_runs.$BASHPID.txt part=/tmp/runs.$BASHPID.tgz
   find results -name results.json -newer "$STAMP" -print0 \
-    | xargs -0 -r grep -l '"status": "finished"' | xargs -r -n1 dirname | sort > /tmp/new_runs.txt
-  tar czf /tmp/runs.tgz.part --exclude=train_state --exclude=checkpoint -T /tmp/new_runs.txt \
-    && mv /tmp/runs.tgz.part "$OUT/runs.tgz"
-  wc -l < /tmp/new_runs.txt
+    | xargs -0 -r grep -l '"status": "finished"' | xargs -r -n1 dirname | sort > "$list"
+  tar czf "$part" --exclude=train_state --exclude=checkpoint -T "$list" && mv "$part" "$OUT/runs.tgz"
+  wc -l < "$list"
+  rm -f "$list"
 }
 
 for step in $STEPS; do
