@@ -15,6 +15,7 @@ of the YAML config file. Precedence: defaults < YAML file < command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ METHODS = ("target-only", "jt", "jt-rtn", "metaxl")
 HYPERGRADS = ("exact", "finite-difference")
 META_BATCH = ("split", "separate")
 RTN_VARIANTS = ("plain", "gated")
+RTN_INITS = ("xavier", "identity")
+META_OPTIMIZERS = ("adamw", "adam-l2")
+HYPERGRAD_SCALES = ("none", "inverse-lr")
 TASKS = ("auto", "ner", "sa")
 SA_LABELS = ("binary", "3way", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -64,8 +68,12 @@ class TrainConfig:
     rtn_layers: list[int] = field(default_factory=lambda: [-1])
     """Insert an RTN after these layers (0 = embeddings, N = last layer); -1 means the last."""
     rtn_variant: str = "gated"
-    """gated (official code: residual, sigmoid-gated, starts near identity) or plain (paper eq. 1)."""
+    """gated (official code: residual, sigmoid-gated) or plain (paper eq. 1)."""
     rtn_hidden: int = 192
+    rtn_init: str = "xavier"
+    """xavier (official code: Xavier-normal weights; the gated RTN then changes each source vector by
+    about a third of its norm at the start) or identity (gated only: the output projection starts at
+    zero, so the RTN starts as the identity and only the meta-gradient moves it away)."""
     rtn_detach: bool = True
     """gated RTN: its branch reads h.detach(), as the official code (False: exact gradients)."""
     rtn_per_source: bool = False
@@ -97,6 +105,21 @@ class TrainConfig:
     batches are less random than the default's (opt-in)."""
     lr: float = 3e-5
     meta_lr: float = 1e-6
+    meta_optimizer: str = "adamw"
+    """phi's optimiser: adamw (decoupled weight decay meta_weight_decay) or adam-l2 (official code:
+    Adam with the L2 term meta_weight_decay * phi added to the hypergradient)."""
+    meta_weight_decay: float | None = None
+    """phi's weight decay (None: weight_decay). The official code: 5e-4 with meta_optimizer=adam-l2."""
+    meta_eps: float = 1e-8
+    """phi's Adam epsilon. Hypergradients are ~1e-9 per weight at lr 1e-4: below the default eps,
+    Adam's step shrinks to a fraction of meta_lr (see hypergrad_scale)."""
+    hypergrad_scale: str = "none"
+    """none: phi's gradient is d L_meta(theta') / d phi, proportional to the inner lr; inverse-lr:
+    divided by the encoder's inner lr (per unit virtual step), so its size does not depend on the lr
+    or its warm-up and Adam sees values well above its epsilon."""
+    diagnostics_every: int = 5
+    """MetaXL: every this many steps, the meta loss of the step's batches at theta' before and after
+    the phi step (eval mode, no dropout; 0: off). Costs about two forward+backward passes."""
     head_lr: float | None = None
     """lr of the task head (None: lr). A larger head lr (e.g. 3e-3) makes short CPU runs learn."""
     weight_decay: float = 0.0
@@ -178,6 +201,18 @@ class TrainConfig:
         one_of("task", self.task, TASKS)
         one_of("sa_labels", self.sa_labels, SA_LABELS)
         one_of("precision", self.precision, PRECISIONS)
+        one_of("rtn_init", self.rtn_init, RTN_INITS)
+        one_of("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS)
+        one_of("hypergrad_scale", self.hypergrad_scale, HYPERGRAD_SCALES)
+        if self.rtn_init == "identity" and self.rtn_variant != "gated":
+            raise ConfigError("rtn_init=identity needs rtn_variant=gated (the plain RTN replaces h and cannot "
+                              "start as the identity); use rtn_init=xavier with the plain RTN")
+        if not (self.meta_eps > 0 and math.isfinite(self.meta_eps)):
+            raise ConfigError(f"meta_eps must be a finite number > 0, got {self.meta_eps}")
+        if self.meta_weight_decay is not None and not (self.meta_weight_decay >= 0 and math.isfinite(self.meta_weight_decay)):
+            raise ConfigError(f"meta_weight_decay must be a finite number >= 0, got {self.meta_weight_decay}")
+        if self.diagnostics_every < 0:
+            raise ConfigError(f"diagnostics_every must be >= 0 (0: off), got {self.diagnostics_every}")
         if self.method != "target-only" and not self.source:
             raise ConfigError(f"method {self.method!r} needs at least one --source data set")
         if self.method in ("jt-rtn", "metaxl") and not self.rtn_layers:

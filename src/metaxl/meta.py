@@ -395,6 +395,60 @@ class StepStats:
     loss: float
     meta_loss: float | None = None
     phi_grad_norm: float | None = None
+    meta_probe: tuple[float, float] | None = None
+    """MetaXL diagnostics step: the meta loss at theta' before and after phi's step (eval mode)."""
+
+
+class HypergradStats:
+    """Running statistics of the hypergradients of an epoch: is phi's gradient a signal or noise?
+
+    ``snr`` is ``||mean g|| / mean ||g||``: 1 when every step's hypergradient points the same way,
+    about ``1/sqrt(n)`` for n independent noise vectors; ``cosine`` is the mean cosine between
+    successive hypergradients.
+
+    >>> st = HypergradStats()
+    >>> for g in ([1.0, 0.0], [1.0, 0.0], [1.0, 0.0]):
+    ...     st.add([torch.tensor(g)])
+    >>> st.summary()
+    {'hypergrad_snr': 1.0, 'hypergrad_cosine': 1.0, 'hypergrad_steps': 3}
+    >>> st.reset(); st.add([torch.tensor([1.0, 0.0])]); st.add([torch.tensor([-1.0, 0.0])])
+    >>> st.summary()["hypergrad_snr"], st.summary()["hypergrad_cosine"]
+    (0.0, -1.0)
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.prev: torch.Tensor | None = None
+        self.norm_sum = 0.0
+        self.cos_sum = 0.0
+        self.count = 0
+        self.cos_count = 0
+
+    @torch.no_grad()
+    def add(self, grads: Sequence[torch.Tensor]) -> None:
+        flat = torch.cat([g.detach().reshape(-1).double().cpu() for g in grads])
+        norm = float(flat.norm())
+        if not math.isfinite(norm):
+            return
+        self.total = flat.clone() if self.total is None else self.total.add_(flat)
+        if self.prev is not None:
+            denom = norm * float(self.prev.norm())
+            if denom > 0:
+                self.cos_sum += float(flat @ self.prev) / denom
+                self.cos_count += 1
+        self.prev = flat
+        self.norm_sum += norm
+        self.count += 1
+
+    def summary(self) -> dict[str, float | int | None]:
+        snr = None
+        if self.total is not None and self.norm_sum > 0:
+            snr = round(float(self.total.norm()) / self.norm_sum, 6)
+        cos = round(self.cos_sum / self.cos_count, 6) if self.cos_count else None
+        return {"hypergrad_snr": snr, "hypergrad_cosine": cos, "hypergrad_steps": self.count}
 
 
 class Learner:
@@ -443,6 +497,11 @@ class Learner:
         self.virtual_names = [n for n in self.theta if param_depth(n, depth) >= cfg.virtual_from_layer]
         self.other_names = [n for n in self.theta if param_depth(n, depth) < cfg.virtual_from_layer]
         self.phi = list(injector.parameters()) if injector is not None else []
+        self.hypergrad_stats = HypergradStats()
+        self.steps_taken = 0
+        self.source_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        """Entered around every source-batch forward, whatever the method (the planted-shift check
+        of benchmarks/planted_shift.py distorts source batches through it)."""
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
@@ -469,6 +528,39 @@ class Learner:
         lr_of = {id(p): float(group["lr"]) for group in self.opt_theta.param_groups for p in group["params"]}
         return [lr_of[id(self.theta[n])] for n in self.virtual_names]
 
+    def meta_factor(self, g_meta: list[torch.Tensor], lrs: list[float]) -> tuple[float, list[torch.Tensor]]:
+        """The factor ``a`` and the cotangents of ``dL_meta/dphi = -a d/dphi <g, A g'>`` (see
+        :func:`lr_factor`). With ``hypergrad_scale=inverse-lr`` the hypergradient is taken per unit
+        of the encoder's inner lr: ``a = 1`` and each tensor's lr relative to the encoder's (the
+        groups' ``initial_lr`` ratio, so the same at every point of the schedule, warm-up included)."""
+        if self.cfg.hypergrad_scale != "inverse-lr":
+            return lr_factor(g_meta, lrs)
+        if not self.cfg.inner_lr_per_group:
+            return 1.0, g_meta
+        start = {id(p): float(group.get("initial_lr", group["lr"]))
+                 for group in self.opt_theta.param_groups for p in group["params"]}
+        ref = float(self.opt_theta.param_groups[0].get("initial_lr", self.opt_theta.param_groups[0]["lr"]))
+        rel = [start[id(self.theta[n])] / ref for n in self.virtual_names]
+        return (1.0, list(torch._foreach_mul(g_meta, rel))) if len(set(rel)) > 1 else (1.0, g_meta)
+
+    def meta_loss_at_virtual(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch) -> float:
+        """``L_meta(theta - a grad L_train(theta, phi))`` at the current phi, in eval mode (no
+        dropout, no random draw: training is unchanged): the diagnostics' meta loss before and
+        after phi's step. Dense, first order."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            names = self.virtual_names
+            theta = [self.theta[n] for n in names]
+            loss = self.train_loss(src, source, tgt)
+            g = torch.autograd.grad(loss, theta, allow_unused=True)
+            primes = {n: p.detach() if gi is None else p.detach() - lr * gi
+                      for n, p, gi, lr in zip(names, theta, g, self.inner_lrs(), strict=True)}
+            with torch.no_grad(), self.autocast():
+                return float(batch_loss(self.model, meta, primes))
+        finally:
+            self.model.train(was_training)
+
     def train_loss(
         self,
         src: Batch | None,
@@ -481,10 +573,7 @@ class Learner:
         total: torch.Tensor | None = None
         with self.autocast():
             if src is not None:
-                if rtn:
-                    with self._rtn(source):
-                        total = batch_loss(self.model, src, params)
-                else:
+                with self.source_context(), self._rtn(source) if rtn else contextlib.nullcontext():
                     total = batch_loss(self.model, src, params)
             if tgt is not None:
                 loss_t = batch_loss(self.model, tgt, params)
@@ -673,7 +762,7 @@ class Learner:
         allreduce_mean(g_meta)
 
         # (3) d L_meta / d phi = -a * d/dphi <g_src(phi), g'> (per-tensor lrs folded into g')
-        a, g_meta = lr_factor(g_meta, lrs)
+        a, g_meta = self.meta_factor(g_meta, lrs)
         if exact:
             grads = mixed_term(g_src, g_meta, self.phi)
             del g_src
@@ -759,7 +848,7 @@ class Learner:
         allreduce_mean(g_meta)
 
         # (3) d L_meta / d phi = -a * d/dphi <g(phi), g'> (per-tensor lrs folded into g')
-        a, g_meta = lr_factor(g_meta, lrs)
+        a, g_meta = self.meta_factor(g_meta, lrs)
         if exact:
             grads = mixed_term(g, g_meta, self.phi)
             phi_grads = [torch.zeros_like(p) if d is None else -a * d for p, d in zip(self.phi, grads, strict=True)]
@@ -788,27 +877,35 @@ class Learner:
         the hypergradient, at the old phi, is reused too: no forward or backward in the theta step.
         """
         assert self.opt_phi is not None
+        every = self.cfg.diagnostics_every
+        probe = bool(every) and self.steps_taken % every == 0
+        self.steps_taken += 1
+        before = self.meta_loss_at_virtual(src, source, tgt, meta) if probe else None
         phi_grads, meta_loss, g_tgt, loss_t = self._hypergradient(src, source, tgt, meta)
         finite = all(torch.isfinite(d).all() for d in phi_grads)
         if finite:
+            self.hypergrad_stats.add(phi_grads)
             for p, d in zip(self.phi, phi_grads, strict=True):
                 p.grad = d.to(p.dtype)
             self.opt_phi.step()
         self.sched_phi.step()
         self.opt_phi.zero_grad(set_to_none=True)
         phi_norm = math.sqrt(sum(float((d.float() ** 2).sum()) for d in phi_grads)) if finite else float("nan")
+        meta_probe = None
+        if before is not None:
+            meta_probe = (before, self.meta_loss_at_virtual(src, source, tgt, meta))
 
         if g_tgt is None:
             loss = self.train_loss(src, source, tgt)  # recomputed with the new phi
             self._update_theta(loss)
-            return StepStats(loss=float(loss.detach()), meta_loss=meta_loss, phi_grad_norm=phi_norm)
+            return StepStats(float(loss.detach()), meta_loss, phi_norm, meta_probe)
         if self.cfg.reuse_source_gradient and src is not None:
             # the kept gradient already holds g_src at the old phi: no recomputation (approximate)
             self._update_theta(None, kept=g_tgt)
-            return StepStats(loss=loss_t, meta_loss=meta_loss, phi_grad_norm=phi_norm)
+            return StepStats(loss_t, meta_loss, phi_norm, meta_probe)
         loss = self.train_loss(src, source, None)  # the source part, recomputed with the new phi
         self._update_theta(loss, kept=g_tgt)
-        return StepStats(loss=float(loss.detach()) + loss_t, meta_loss=meta_loss, phi_grad_norm=phi_norm)
+        return StepStats(float(loss.detach()) + loss_t, meta_loss, phi_norm, meta_probe)
 
 
 def split_batch(batch: Batch) -> tuple[Batch, Batch]:

@@ -66,13 +66,18 @@ class GatedRTN(nn.Module):
     residual). With RTNs at several layers this also stops the hypergradient of a lower RTN from
     flowing through the input of an upper one; ``detach_input=False`` gives the exact derivative.
 
+    ``init="identity"`` zero-initialises the output projection, so the RTN starts as the identity
+    (the Xavier start of the official code changes each vector by about a third of its norm).
+
     >>> rtn = GatedRTN(16, 4)
     >>> h = torch.randn(2, 3, 16)
     >>> rtn(h).shape
     torch.Size([2, 3, 16])
+    >>> torch.equal(GatedRTN(16, 4, init="identity")(h), h)
+    True
     """
 
-    def __init__(self, dim: int, hidden: int, detach_input: bool = True) -> None:
+    def __init__(self, dim: int, hidden: int, detach_input: bool = True, init: str = "xavier") -> None:
         super().__init__()
         self.dim = dim
         self.detach_input = detach_input
@@ -81,6 +86,10 @@ class GatedRTN(nn.Module):
         for layer in (self.down, self.up):
             nn.init.xavier_normal_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if init == "identity":  # o = 0: g(h) = h exactly; d g / d up.weight = gate * ReLU(down h) != 0
+            nn.init.zeros_(self.up.weight)
+        elif init != "xavier":
+            raise ConfigError(f"unknown RTN init {init!r}; choose xavier or identity")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         o = self.up(torch.relu(self.down(h.detach() if self.detach_input else h)))
@@ -88,16 +97,18 @@ class GatedRTN(nn.Module):
         return h + gate * o[..., : self.dim]
 
 
-def make_rtn(variant: str, dim: int, hidden: int, detach_input: bool = True) -> nn.Module:
+def make_rtn(variant: str, dim: int, hidden: int, detach_input: bool = True, init: str = "xavier") -> nn.Module:
     """Build one RTN.
 
     >>> type(make_rtn("gated", 16, 4)).__name__
     'GatedRTN'
     """
     if variant == "plain":
+        if init != "xavier":
+            raise ConfigError("the plain RTN replaces h and cannot start as the identity: use init=xavier")
         return PlainRTN(dim, hidden)
     if variant == "gated":
-        return GatedRTN(dim, hidden, detach_input)
+        return GatedRTN(dim, hidden, detach_input, init)
     raise ConfigError(f"unknown RTN variant {variant!r}; choose plain or gated")
 
 
@@ -187,6 +198,7 @@ class RTNInjector(nn.Module):
         hidden: bottleneck size r.
         num_sources: several source languages; with ``per_source=True`` each gets its own RTNs.
         detach_input: gated variant only: the branch reads ``h.detach()`` (official code).
+        init: ``xavier`` (official code) or ``identity`` (gated only; see :class:`GatedRTN`).
     """
 
     def __init__(
@@ -198,6 +210,7 @@ class RTNInjector(nn.Module):
         num_sources: int = 1,
         per_source: bool = False,
         detach_input: bool = True,
+        init: str = "xavier",
     ) -> None:
         super().__init__()
         embeddings, blocks = encoder_parts(model)
@@ -206,9 +219,11 @@ class RTNInjector(nn.Module):
         self.num_groups = num_sources if per_source else 1
         dim = hidden_size(model)
         self.rtns = nn.ModuleDict(
-            {self.key(g, layer): make_rtn(variant, dim, hidden, detach_input) for g in range(self.num_groups) for layer in self.layers}
+            {self.key(g, layer): make_rtn(variant, dim, hidden, detach_input, init) for g in range(self.num_groups) for layer in self.layers}
         )
         self._active: int | None = None
+        self._probe: dict[int, list[torch.Tensor]] | None = None  # relative_change's records, by layer
+        self._probe_mask: torch.Tensor | None = None
         self._handles = []
         for layer in self.layers:
             module = embeddings if layer == 0 else blocks[layer - 1]
@@ -223,9 +238,60 @@ class RTNInjector(nn.Module):
             if self._active is None:
                 return None
             rtn = self.rtns[self.key(self._active, layer)]
-            return _replace_hidden(output, rtn)
+            if self._probe is None:
+                return _replace_hidden(output, rtn)
+            records = self._probe.setdefault(layer, [])
+
+            def probed(h: torch.Tensor) -> torch.Tensor:
+                out = rtn(h)
+                ratio = (out - h).float().norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-12)
+                mask = self._probe_mask
+                if mask is not None and mask.shape == ratio.shape:
+                    ratio = ratio[mask.bool()]
+                records.append(ratio.reshape(-1))
+                return out
+
+            return _replace_hidden(output, probed)
 
         return hook
+
+    @torch.no_grad()
+    def relative_change(self, model: nn.Module, batch: dict[str, torch.Tensor], source: int = 0) -> dict[int, float]:
+        """How much the RTNs change source representations: for each RTN layer, the mean over the
+        batch's real tokens of ``||RTN(h) - h|| / ||h||`` (0: the identity), in eval mode.
+
+        >>> from transformers import BertConfig, BertForTokenClassification
+        >>> model = BertForTokenClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+        ...     num_attention_heads=2, intermediate_size=20, num_labels=3))
+        >>> batch = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3)}
+        >>> RTNInjector(model, [2], "gated", 8, init="identity").relative_change(model, batch)
+        {2: 0.0}
+        """
+        was_training = model.training
+        model.eval()
+        self._probe, self._probe_mask = {}, batch.get("attention_mask")
+        try:
+            with self.applied(source):
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+            return {layer: float(torch.cat(r).mean()) if r else 0.0 for layer, r in sorted(self._probe.items())}
+        finally:
+            self._probe, self._probe_mask = None, None
+            model.train(was_training)
+
+    def weight_drift(self, initial: dict[str, torch.Tensor]) -> float:
+        """``||phi - phi_0|| / ||phi_0||`` over all RTN weights, ``initial`` a :meth:`state_dict` copy.
+
+        >>> from transformers import BertConfig, BertModel
+        >>> inj = RTNInjector(BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=8)), [1], "gated", 4)
+        >>> start = {k: v.clone() for k, v in inj.state_dict().items()}
+        >>> inj.weight_drift(start)
+        0.0
+        """
+        now = self.state_dict()
+        diff = sum(float((now[k].float() - v.float().to(now[k].device)).pow(2).sum()) for k, v in initial.items())
+        base = sum(float(v.float().pow(2).sum()) for v in initial.values())
+        return (diff / base) ** 0.5 if base > 0 else float(diff > 0)
 
     @contextlib.contextmanager
     def applied(self, source: int = 0) -> Iterator[None]:

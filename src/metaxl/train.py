@@ -253,8 +253,46 @@ def _grad_ok(model: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
+def phi_optimizer(params: Any, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """The RTNs' optimiser: AdamW (decoupled weight decay) or, with ``meta_optimizer=adam-l2``, the
+    official code's Adam with the L2 term added to the gradient (with hypergradients of ~1e-9 per
+    weight, that term dominates and pulls the RTN's output towards zero).
+
+    >>> cfg = TrainConfig(meta_optimizer="adam-l2", meta_weight_decay=5e-4, meta_eps=1e-12)
+    >>> opt = phi_optimizer(torch.nn.Linear(2, 2).parameters(), cfg, 1e-3)
+    >>> type(opt).__name__, opt.defaults["weight_decay"], opt.defaults["eps"]
+    ('Adam', 0.0005, 1e-12)
+    """
+    decay = cfg.weight_decay if cfg.meta_weight_decay is None else cfg.meta_weight_decay
+    kind = torch.optim.Adam if cfg.meta_optimizer == "adam-l2" else torch.optim.AdamW
+    return kind(params, lr=lr, eps=cfg.meta_eps, weight_decay=decay)
+
+
+def probe_batch(features: list[dict[str, Any]], pad_id: int, device: torch.device, size: int = 16
+                ) -> dict[str, torch.Tensor]:
+    """A fixed batch for the RTN diagnostics: the first ``size`` source examples (every run of a
+    sweep with the same source sample sees the same batch)."""
+    from .tasks import collate
+
+    return {k: v.to(device) for k, v in collate(features[:size], pad_id).items()}
+
+
+def rtn_diagnostics(model: Any, injector: Any, probe: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+                    ) -> dict[str, Any]:
+    """Is the RTN learning or idling? The relative change it makes to the probe batch's source
+    token vectors (mean ``||RTN(h) - h|| / ||h||``, per layer and the mean) and the relative
+    distance of its weights from their initial values."""
+    change = injector.relative_change(model, probe)
+    return {"rel_change": round(float(np.mean(list(change.values()))), 6),
+            "rel_change_by_layer": {str(k): round(v, 6) for k, v in change.items()},
+            "weight_drift": round(injector.weight_drift(initial), 6)}
+
+
+def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: Any = None) -> dict[str, Any]:
     """Train ``cfg.method`` and return the results dict also written to ``results.json``.
+
+    ``on_setup(model, learner)``, if given, is called once the model, RTNs and optimisers exist,
+    before the first step (benchmarks/planted_shift.py installs its source distortion there).
 
     With ``resume=True`` the training state is saved after every epoch (``train_state/``, deleted
     at the end) and an interrupted run in the same output folder continues where it stopped.
@@ -331,7 +369,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         torch.manual_seed(cfg.seed)
         injector = RTNInjector(model, cfg.rtn_layers, cfg.rtn_variant, cfg.rtn_hidden,
                                num_sources=len(src_feats), per_source=cfg.rtn_per_source,
-                               detach_input=cfg.rtn_detach).to(device)
+                               detach_input=cfg.rtn_detach, init=cfg.rtn_init).to(device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, injector)
     # every rank starts from rank 0's weights (random task head, RTNs); dropout then differs per rank
@@ -350,10 +388,17 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     opt_phi = sched_phi = None
     if injector is not None:
         phi_lr = cfg.lr if cfg.method == "jt-rtn" else cfg.meta_lr
-        opt_phi = torch.optim.AdamW(injector.parameters(), lr=phi_lr, weight_decay=cfg.weight_decay)
+        opt_phi = phi_optimizer(injector.parameters(), cfg, phi_lr)
         sched_phi = get_linear_schedule_with_warmup(opt_phi, int(cfg.warmup * main_steps), main_steps)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     learner = Learner(model, injector, cfg, opt_theta, sched_theta, opt_phi, sched_phi, autocast, scaler)
+    if on_setup is not None:
+        on_setup(model, learner)
+    rtn_start: dict[str, torch.Tensor] = {}
+    probe: dict[str, torch.Tensor] = {}
+    if injector is not None:
+        rtn_start = {k: v.detach().clone() for k, v in injector.state_dict().items()}
+        probe = probe_batch(src_feats[0], pad_id, device)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     results: dict[str, Any] = {
@@ -366,6 +411,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         "epochs": [], "best_epoch": None, "dev": None, "test": None, "checkpoint": None,
         "device": str(device), "torch": torch.__version__, "world_size": dist.world_size,
         "code": code_version(),
+        "rtn_init": rtn_diagnostics(model, injector, probe, rtn_start) if injector is not None else None,
     }
     start_epoch, best_f1, elapsed_before = 1, -1.0, 0.0
     best: Snapshot | None = None  # the best dev epoch's weights; the test set is evaluated on them once, at the end
@@ -380,10 +426,13 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             injector.load_state_dict(state["rtn"])
             opt_phi.load_state_dict(state["opt_phi"])
             sched_phi.load_state_dict(state["sched_phi"])
+        learner.steps_taken = state.get("steps_taken", 0)
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         results = state["results"]
+        if injector is not None and state.get("rtn_start") is not None:
+            rtn_start = state["rtn_start"]
         best = state.get("best")  # absent in states saved before test evaluation moved to the end
         set_rank_seed(cfg.seed + len(results["epochs"]), dist)
         start_epoch = results["epochs"][-1]["epoch"] + 1 if results["epochs"] else 1
@@ -420,6 +469,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         losses: list[float] = []
         meta_losses: list[float] = []
         phi_norms: list[float] = []
+        probes: list[tuple[float, float]] = []
+        learner.hypergrad_stats.reset()
         skipped = 0
         if cfg.method == "target-only":
             plan: list[tuple[int | None, list[dict[str, Any]] | None]] = [
@@ -458,6 +509,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
                 meta_losses.append(all_mean(stats.meta_loss))
             if stats.phi_grad_norm is not None and math.isfinite(stats.phi_grad_norm):
                 phi_norms.append(stats.phi_grad_norm)  # already averaged across processes
+            if stats.meta_probe is not None:
+                probes.append(stats.meta_probe)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         bar.close()
         dev_metrics, _ = evaluate(model, data.task, data.dev, dev_feats, data.labels, pad_id,
@@ -470,6 +523,13 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             "phi_grad_norm": float(np.median(phi_norms)) if phi_norms else None,
             "lr": learner.current_lr(), "dev": dev_metrics,
         }
+        if injector is not None and not backoff:
+            row["rtn"] = rtn_diagnostics(model, injector, probe, rtn_start)
+            if learner.method == "metaxl":
+                row["rtn"].update(learner.hypergrad_stats.summary())
+                if probes:
+                    row["rtn"]["meta_loss_before"] = round(float(np.mean([b for b, _ in probes])), 6)
+                    row["rtn"]["meta_loss_after"] = round(float(np.mean([a for _, a in probes])), 6)
         improved = dev_metrics["f1"] > best_f1
         if improved:
             best_f1 = dev_metrics["f1"]
@@ -479,12 +539,12 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         row["best"] = improved
         results["epochs"].append(row)
         log(f"epoch {epoch}/{total_epochs}: loss {row['train_loss']:.4f}  dev f1 {dev_metrics['f1']:.2f}"
-            + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]"
+            + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]" + rtn_log_line(row.get("rtn"))
             + (f"  ({skipped} tail batches smaller than {dist.world_size} skipped)" if skipped else ""))
         if dist.is_main:
             write_json(out / "results.json", results)
         if resume and cfg.save_state and epoch < total_epochs and not backoff and dist.is_main:
-            _save_state(state_dir, model, injector, learner, gen, results, best)
+            _save_state(state_dir, model, injector, learner, gen, results, best, rtn_start)
 
     # the test set, once, on the best dev epoch's weights (not after every improvement: for NER, test
     # sets of ~1,300 sentences made that half of a run's time on CPU)
@@ -551,8 +611,28 @@ class Snapshot:
             injector.load_state_dict(self.rtn)
 
 
+def rtn_log_line(rtn: dict[str, Any] | None) -> str:
+    """The RTN diagnostics on the epoch's log line.
+
+    >>> rtn_log_line({"rel_change": 0.31, "weight_drift": 0.015, "hypergrad_snr": 0.2,
+    ...               "meta_loss_before": 0.5, "meta_loss_after": 0.49})
+    '  rtn: change 0.310 drift 0.015 snr 0.20 meta-step -0.0100'
+    >>> rtn_log_line(None)
+    ''
+    """
+    if not rtn:
+        return ""
+    text = f"  rtn: change {rtn['rel_change']:.3f} drift {rtn['weight_drift']:.3f}"
+    if rtn.get("hypergrad_snr") is not None:
+        text += f" snr {rtn['hypergrad_snr']:.2f}"
+    if rtn.get("meta_loss_before") is not None:
+        text += f" meta-step {rtn['meta_loss_after'] - rtn['meta_loss_before']:+.4f}"
+    return text
+
+
 def _save_state(state_dir: Path, model: Any, injector: Any, learner: Any, gen: torch.Generator,
-                results: dict[str, Any], best: Snapshot | None = None) -> None:
+                results: dict[str, Any], best: Snapshot | None = None,
+                rtn_start: dict[str, torch.Tensor] | None = None) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(), "opt_theta": learner.opt_theta.state_dict(),
@@ -561,7 +641,8 @@ def _save_state(state_dir: Path, model: Any, injector: Any, learner: Any, gen: t
         "opt_phi": learner.opt_phi.state_dict() if learner.opt_phi is not None else None,
         "sched_phi": learner.sched_phi.state_dict() if learner.sched_phi is not None else None,
         "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-        "results": results, "best": best,
+        "results": results, "best": best, "rtn_start": rtn_start or None,
+        "steps_taken": learner.steps_taken,
     }
     tmp = state_dir / "state.pt.tmp"
     torch.save(state, tmp)

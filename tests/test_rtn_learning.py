@@ -1,0 +1,113 @@
+"""Issue 29's knobs and diagnostics: identity-initialised RTNs, phi's optimiser, the hypergradient
+scale, and the per-epoch evidence of whether the RTN learns."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_bert_config
+from test_train import _cfg
+from transformers import BertForTokenClassification
+
+from metaxl.config import TrainConfig
+from metaxl.errors import ConfigError
+from metaxl.meta import Learner, split_batch
+from metaxl.rtn import RTNInjector
+from metaxl.train import train
+
+
+class _Const:
+    def step(self) -> None:
+        pass
+
+
+def _learner(method: str, init: str = "identity", meta_lr: float = 0.0, **cfg_kw):
+    torch.manual_seed(0)
+    model = BertForTokenClassification(tiny_bert_config(num_labels=3)).double()
+    inj = RTNInjector(model, [2], "gated", 4, init=init).double() if method == "metaxl" else None
+    cfg = TrainConfig(method=method, meta_lr=meta_lr, diagnostics_every=0, **cfg_kw)
+    opt_t = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_p = torch.optim.SGD(inj.parameters(), lr=meta_lr) if inj is not None else None
+    return model, inj, Learner(model, inj, cfg, opt_t, _Const(), opt_p, _Const() if inj else None, contextlib.nullcontext)
+
+
+def _batch(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (n, 6), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (n, 6), generator=g)}
+
+
+def test_identity_rtn_with_meta_lr_0_is_jt_on_half_the_target_batch():
+    """The control of issue 29 item 4: MetaXL without meta-learning from an identity RTN takes the
+    JT step on the source batch and the first half of the target batch, exactly."""
+    src, tgt = _batch(4, 1), _batch(6, 2)
+    m_meta, _, l_meta = _learner("metaxl")
+    m_jt, _, l_jt = _learner("jt")
+    l_meta.step(src, 0, tgt)
+    l_jt.step(src, 0, split_batch(tgt)[0])
+    for (n, a), b in zip(m_meta.named_parameters(), m_jt.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), n
+    # the xavier start (official code) is not JT: its RTN distorts the source batch from step one
+    m_x, _, l_x = _learner("metaxl", init="xavier")
+    l_x.step(src, 0, tgt)
+    assert not torch.allclose(m_x.classifier.weight, m_jt.classifier.weight, atol=1e-6)
+
+
+def test_inverse_lr_scale_divides_the_hypergradient_by_the_inner_lr():
+    src, tgt, meta = _batch(4, 1), _batch(3, 2), _batch(3, 3)
+    grads = {}
+    for scale in ("none", "inverse-lr"):
+        model, inj, learner = _learner("metaxl", init="xavier", inner_lr=0.25, hypergrad_scale=scale)
+        grads[scale] = learner.hypergradient(src, 0, tgt, meta)[0]
+    for a, b in zip(grads["none"], grads["inverse-lr"], strict=True):
+        assert torch.allclose(a / 0.25, b, rtol=1e-9, atol=1e-15)
+    assert any(float(g.abs().max()) > 0 for g in grads["none"])
+
+
+def test_bad_knob_values_are_rejected_with_the_choices():
+    with pytest.raises(ConfigError, match="identity needs rtn_variant=gated"):
+        TrainConfig(rtn_init="identity", rtn_variant="plain").validate()
+    with pytest.raises(ConfigError, match="choose one of: adamw, adam-l2"):
+        TrainConfig(meta_optimizer="sgd").validate()
+    with pytest.raises(ConfigError, match="meta_eps"):
+        TrainConfig(meta_eps=0.0).validate()
+
+
+def test_every_rtn_run_records_whether_the_rtn_learns(toy_data, tiny_model, tmp_path):
+    runs = {}
+    for name, kw in {"identity": dict(rtn_init="identity", hypergrad_scale="inverse-lr", meta_lr=1e-2),
+                     "xavier": dict(rtn_init="xavier", meta_lr=0.0),
+                     "identity-off": dict(rtn_init="identity", hypergrad_scale="inverse-lr", meta_lr=1e-2,
+                                          diagnostics_every=0)}.items():
+        lines: list[str] = []
+        kw = {"diagnostics_every": 1, **kw}
+        train(_cfg(toy_data, tiny_model, tmp_path / name, method="metaxl", epochs=2, **kw), log=lines.append)
+        runs[name] = (json.loads((tmp_path / name / "results.json").read_text()), lines)
+    res, lines = runs["identity"]
+    assert res["rtn_init"]["rel_change"] == 0.0 and res["rtn_init"]["weight_drift"] == 0.0
+    rtn = res["epochs"][-1]["rtn"]
+    assert rtn["rel_change"] > 0 and rtn["weight_drift"] > 0  # the meta-gradient moved it
+    assert 0 <= rtn["hypergrad_snr"] <= 1 and -1 <= rtn["hypergrad_cosine"] <= 1
+    assert rtn["hypergrad_steps"] == 3
+    assert rtn["meta_loss_before"] > 0 and rtn["meta_loss_after"] > 0
+    assert "rtn: change" in lines[0] and "snr" in lines[0] and "meta-step" in lines[0]
+    # the official start changes source vectors a lot, and with meta lr 0 it never moves
+    xav = runs["xavier"][0]
+    assert xav["rtn_init"]["rel_change"] > 0.1
+    assert xav["epochs"][-1]["rtn"]["weight_drift"] == 0.0
+    assert xav["epochs"][-1]["rtn"]["rel_change"] > 0.1  # (h itself moves with theta)
+    # the diagnostics observe, they do not change training (eval mode, no random draw)
+    off = runs["identity-off"][0]
+    assert "meta_loss_before" not in off["epochs"][-1]["rtn"]
+    assert [e["train_loss"] for e in off["epochs"]] == [e["train_loss"] for e in res["epochs"]]
+    assert off["test"] == res["test"]
+
+
+def test_jt_runs_have_no_rtn_diagnostics(toy_data, tiny_model, tmp_path):
+    res = train(_cfg(toy_data, tiny_model, tmp_path / "jt", method="jt", epochs=1), log=lambda *_: None)
+    assert res["rtn_init"] is None and "rtn" not in res["epochs"][0]
+    assert copy.deepcopy(res)["status"] == "finished"
