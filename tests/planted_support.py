@@ -59,7 +59,8 @@ def run(method: str, meta_lr: float = 1e-2, steps: int = 300, seed: int = 0, fli
     injector = None
     opt_phi = None
     if method == "metaxl":
-        injector = RTNInjector(model, [LAYERS], "gated", cfg.rtn_hidden, init=cfg.rtn_init)
+        injector = RTNInjector(model, [LAYERS], "gated", cfg.rtn_hidden, init=cfg.rtn_init,
+                               preserve_norm=cfg.rtn_norm == "preserve")
         opt_phi = phi_optimizer(injector.parameters(), cfg, meta_lr)
     opt_theta = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     const = torch.optim.lr_scheduler.LambdaLR(opt_theta, lambda _: 1.0)

@@ -23,13 +23,15 @@ def jt() -> Outcome:
     return run("jt", steps=STEPS)
 
 
-def test_metaxl_learns_to_undo_a_planted_shift(jt):
-    metaxl = run("metaxl", steps=STEPS)
+@pytest.mark.parametrize("norm", ["free", "preserve"])
+def test_metaxl_learns_to_undo_a_planted_shift(jt, norm):
+    metaxl = run("metaxl", steps=STEPS, rtn_norm=norm)
     # the JT model never sees an RTN: its "composed map" is the shift itself
     assert jt.distance_after == pytest.approx(jt.distance_before)
     assert undoes_the_shift(metaxl, jt), (metaxl, jt)
-    assert metaxl.distance_after < 0.3 * metaxl.distance_before  # measured: 1.65 -> 0.32 (seed 0)
-    assert metaxl.dev_loss < 0.2 * jt.dev_loss  # measured: 0.0003 vs 0.0062
+    # measured (seed 0): distance 1.65 -> 0.32 (free) / 0.54 (preserve); dev loss 0.0003 vs JT's 0.0062
+    assert metaxl.distance_after < 0.4 * metaxl.distance_before
+    assert metaxl.dev_loss < 0.2 * jt.dev_loss
 
 
 @pytest.mark.parametrize("broken", [{"meta_lr": 0.0}, {"flip_sign": True}], ids=["meta-lr-0", "sign-flipped"])

@@ -68,6 +68,20 @@ def test_inverse_lr_scale_divides_the_hypergradient_by_the_inner_lr():
     assert any(float(g.abs().max()) > 0 for g in grads["none"])
 
 
+def test_a_norm_preserving_rtn_turns_vectors_but_keeps_their_length():
+    from metaxl.rtn import GatedRTN
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 16)
+    free, kept = GatedRTN(16, 8), GatedRTN(16, 8, preserve_norm=True)
+    kept.load_state_dict(free.state_dict())
+    assert not torch.allclose(free(h).norm(dim=-1), h.norm(dim=-1), atol=1e-3)
+    assert torch.allclose(kept(h).norm(dim=-1), h.norm(dim=-1), atol=1e-5)
+    assert not torch.allclose(kept(h), h, atol=1e-3)
+    assert torch.equal(GatedRTN(16, 8, init="identity", preserve_norm=True)(h), h) or torch.allclose(
+        GatedRTN(16, 8, init="identity", preserve_norm=True)(h), h, atol=1e-6)
+
+
 def test_bad_knob_values_are_rejected_with_the_choices():
     with pytest.raises(ConfigError, match="identity needs rtn_variant=gated"):
         TrainConfig(rtn_init="identity", rtn_variant="plain").validate()
@@ -91,6 +105,7 @@ def test_every_rtn_run_records_whether_the_rtn_learns(toy_data, tiny_model, tmp_
     assert res["rtn_init"]["rel_change"] == 0.0 and res["rtn_init"]["weight_drift"] == 0.0
     rtn = res["epochs"][-1]["rtn"]
     assert rtn["rel_change"] > 0 and rtn["weight_drift"] > 0  # the meta-gradient moved it
+    assert rtn["norm_ratio"] > 0 and -1 <= rtn["cosine"] <= 1 and set(rtn["by_layer"]) == {"2"}
     assert 0 <= rtn["hypergrad_snr"] <= 1 and -1 <= rtn["hypergrad_cosine"] <= 1
     assert rtn["hypergrad_steps"] == 3
     assert rtn["meta_loss_before"] > 0 and rtn["meta_loss_after"] > 0

@@ -29,6 +29,7 @@ HYPERGRADS = ("exact", "finite-difference")
 META_BATCH = ("split", "separate")
 RTN_VARIANTS = ("plain", "gated")
 RTN_INITS = ("xavier", "identity")
+RTN_NORMS = ("free", "preserve")
 META_OPTIMIZERS = ("adamw", "adam-l2")
 HYPERGRAD_SCALES = ("none", "inverse-lr")
 TASKS = ("auto", "ner", "sa")
@@ -74,6 +75,9 @@ class TrainConfig:
     """xavier (official code: Xavier-normal weights; the gated RTN then changes each source vector by
     about a third of its norm at the start) or identity (gated only: the output projection starts at
     zero, so the RTN starts as the identity and only the meta-gradient moves it away)."""
+    rtn_norm: str = "free"
+    """free, or preserve: each RTN output vector is rescaled to its input's norm, so the RTN turns
+    source vectors but cannot inflate them (which the first-order meta objective rewards)."""
     rtn_detach: bool = True
     """gated RTN: its branch reads h.detach(), as the official code (False: exact gradients)."""
     rtn_per_source: bool = False
@@ -202,6 +206,7 @@ class TrainConfig:
         one_of("sa_labels", self.sa_labels, SA_LABELS)
         one_of("precision", self.precision, PRECISIONS)
         one_of("rtn_init", self.rtn_init, RTN_INITS)
+        one_of("rtn_norm", self.rtn_norm, RTN_NORMS)
         one_of("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS)
         one_of("hypergrad_scale", self.hypergrad_scale, HYPERGRAD_SCALES)
         if self.rtn_init == "identity" and self.rtn_variant != "gated":

@@ -46,8 +46,9 @@ class PlainRTN(nn.Module):
     torch.Size([2, 3, 16])
     """
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, preserve_norm: bool = False) -> None:
         super().__init__()
+        self.preserve_norm = preserve_norm
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim)
         for layer in (self.down, self.up):
@@ -55,7 +56,8 @@ class PlainRTN(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(torch.relu(self.down(h)))
+        out = self.up(torch.relu(self.down(h)))
+        return rescale_to(out, h) if self.preserve_norm else out
 
 
 class GatedRTN(nn.Module):
@@ -77,9 +79,11 @@ class GatedRTN(nn.Module):
     True
     """
 
-    def __init__(self, dim: int, hidden: int, detach_input: bool = True, init: str = "xavier") -> None:
+    def __init__(self, dim: int, hidden: int, detach_input: bool = True, init: str = "xavier",
+                 preserve_norm: bool = False) -> None:
         super().__init__()
         self.dim = dim
+        self.preserve_norm = preserve_norm
         self.detach_input = detach_input
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim + 1)
@@ -94,10 +98,24 @@ class GatedRTN(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         o = self.up(torch.relu(self.down(h.detach() if self.detach_input else h)))
         gate = torch.sigmoid(o[..., self.dim : self.dim + 1])
-        return h + gate * o[..., : self.dim]
+        out = h + gate * o[..., : self.dim]
+        return rescale_to(out, h) if self.preserve_norm else out
 
 
-def make_rtn(variant: str, dim: int, hidden: int, detach_input: bool = True, init: str = "xavier") -> nn.Module:
+def rescale_to(out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``out`` rescaled, vector by vector, to the norms of ``h`` (``rtn_norm=preserve``): the RTN can
+    turn a source vector but not lengthen it. Without this the first-order meta objective rewards
+    inflating source vectors (a larger source gradient is a longer virtual step wherever source and
+    target gradients agree), and an RTN trained fast does just that.
+
+    >>> rescale_to(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]])).tolist()
+    [[0.6000000238418579, 0.800000011920929]]
+    """
+    return out * (h.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def make_rtn(variant: str, dim: int, hidden: int, detach_input: bool = True, init: str = "xavier",
+             preserve_norm: bool = False) -> nn.Module:
     """Build one RTN.
 
     >>> type(make_rtn("gated", 16, 4)).__name__
@@ -106,9 +124,9 @@ def make_rtn(variant: str, dim: int, hidden: int, detach_input: bool = True, ini
     if variant == "plain":
         if init != "xavier":
             raise ConfigError("the plain RTN replaces h and cannot start as the identity: use init=xavier")
-        return PlainRTN(dim, hidden)
+        return PlainRTN(dim, hidden, preserve_norm)
     if variant == "gated":
-        return GatedRTN(dim, hidden, detach_input, init)
+        return GatedRTN(dim, hidden, detach_input, init, preserve_norm)
     raise ConfigError(f"unknown RTN variant {variant!r}; choose plain or gated")
 
 
@@ -199,6 +217,7 @@ class RTNInjector(nn.Module):
         num_sources: several source languages; with ``per_source=True`` each gets its own RTNs.
         detach_input: gated variant only: the branch reads ``h.detach()`` (official code).
         init: ``xavier`` (official code) or ``identity`` (gated only; see :class:`GatedRTN`).
+        preserve_norm: rescale each output vector to its input's norm (:func:`rescale_to`).
     """
 
     def __init__(
@@ -211,6 +230,7 @@ class RTNInjector(nn.Module):
         per_source: bool = False,
         detach_input: bool = True,
         init: str = "xavier",
+        preserve_norm: bool = False,
     ) -> None:
         super().__init__()
         embeddings, blocks = encoder_parts(model)
@@ -219,7 +239,7 @@ class RTNInjector(nn.Module):
         self.num_groups = num_sources if per_source else 1
         dim = hidden_size(model)
         self.rtns = nn.ModuleDict(
-            {self.key(g, layer): make_rtn(variant, dim, hidden, detach_input, init) for g in range(self.num_groups) for layer in self.layers}
+            {self.key(g, layer): make_rtn(variant, dim, hidden, detach_input, init, preserve_norm) for g in range(self.num_groups) for layer in self.layers}
         )
         self._active: int | None = None
         self._probe: dict[int, list[torch.Tensor]] | None = None  # relative_change's records, by layer
@@ -244,11 +264,14 @@ class RTNInjector(nn.Module):
 
             def probed(h: torch.Tensor) -> torch.Tensor:
                 out = rtn(h)
-                ratio = (out - h).float().norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-12)
+                hf, of = h.float(), out.float()
+                norm = hf.norm(dim=-1).clamp_min(1e-12)
+                stats = torch.stack([(of - hf).norm(dim=-1) / norm, of.norm(dim=-1) / norm,
+                                     torch.nn.functional.cosine_similarity(of, hf, dim=-1)], dim=-1)
                 mask = self._probe_mask
-                if mask is not None and mask.shape == ratio.shape:
-                    ratio = ratio[mask.bool()]
-                records.append(ratio.reshape(-1))
+                if mask is not None and mask.shape == stats.shape[:-1]:
+                    stats = stats[mask.bool()]
+                records.append(stats.reshape(-1, 3))
                 return out
 
             return _replace_hidden(output, probed)
@@ -256,16 +279,20 @@ class RTNInjector(nn.Module):
         return hook
 
     @torch.no_grad()
-    def relative_change(self, model: nn.Module, batch: dict[str, torch.Tensor], source: int = 0) -> dict[int, float]:
-        """How much the RTNs change source representations: for each RTN layer, the mean over the
-        batch's real tokens of ``||RTN(h) - h|| / ||h||`` (0: the identity), in eval mode.
+    def relative_change(self, model: nn.Module, batch: dict[str, torch.Tensor], source: int = 0
+                        ) -> dict[int, dict[str, float]]:
+        """How the RTNs change source representations: for each RTN layer, means over the batch's
+        real tokens of ``||RTN(h) - h|| / ||h||`` (``change``; 0: the identity), of
+        ``||RTN(h)|| / ||h||`` (``norm_ratio``) and of ``cos(RTN(h), h)`` (``cosine``), in eval mode.
+        The last two tell a rescaling (the first-order meta objective rewards larger source
+        gradients) from a change of direction.
 
         >>> from transformers import BertConfig, BertForTokenClassification
         >>> model = BertForTokenClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
         ...     num_attention_heads=2, intermediate_size=20, num_labels=3))
         >>> batch = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3)}
         >>> RTNInjector(model, [2], "gated", 8, init="identity").relative_change(model, batch)
-        {2: 0.0}
+        {2: {'change': 0.0, 'norm_ratio': 1.0, 'cosine': 1.0}}
         """
         was_training = model.training
         model.eval()
@@ -273,7 +300,11 @@ class RTNInjector(nn.Module):
         try:
             with self.applied(source):
                 model(**{k: v for k, v in batch.items() if k != "labels"})
-            return {layer: float(torch.cat(r).mean()) if r else 0.0 for layer, r in sorted(self._probe.items())}
+            out = {}
+            for layer, r in sorted(self._probe.items()):
+                mean = torch.cat(r).mean(dim=0).tolist()
+                out[layer] = {"change": round(mean[0], 6), "norm_ratio": round(mean[1], 6), "cosine": round(mean[2], 6)}
+            return out
         finally:
             self._probe, self._probe_mask = None, None
             model.train(was_training)

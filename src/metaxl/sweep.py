@@ -94,7 +94,7 @@ TOP_LEVEL_KEYS = ("name", "base", "grid", "exclude", "runs_dir", "ray")
 NON_SEMANTIC_KEYS = ("output_dir", "progress", "save_state", "diagnostics_every")
 # Keys that only matter for some methods; others get TrainConfig's defaults (see effective_config).
 SOURCE_KEYS = ("source", "source_size")
-RTN_KEYS = ("rtn_layers", "rtn_variant", "rtn_hidden", "rtn_init", "rtn_per_source", "meta_lr", "meta_optimizer",
+RTN_KEYS = ("rtn_layers", "rtn_variant", "rtn_hidden", "rtn_init", "rtn_norm", "rtn_per_source", "meta_lr", "meta_optimizer",
             "meta_weight_decay", "meta_eps")
 META_KEYS = ("hypergrad", "fd_epsilon", "meta_batch", "inner_lr", "inner_lr_per_group", "reuse_source_gradient",
              "virtual_from_layer", "backoff_epochs", "hypergrad_scale")

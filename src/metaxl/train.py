@@ -283,8 +283,9 @@ def rtn_diagnostics(model: Any, injector: Any, probe: dict[str, torch.Tensor], i
     token vectors (mean ``||RTN(h) - h|| / ||h||``, per layer and the mean) and the relative
     distance of its weights from their initial values."""
     change = injector.relative_change(model, probe)
-    return {"rel_change": round(float(np.mean(list(change.values()))), 6),
-            "rel_change_by_layer": {str(k): round(v, 6) for k, v in change.items()},
+    mean = {key: round(float(np.mean([c[key] for c in change.values()])), 6) for key in ("change", "norm_ratio", "cosine")}
+    return {"rel_change": mean["change"], "norm_ratio": mean["norm_ratio"], "cosine": mean["cosine"],
+            "by_layer": {str(k): v for k, v in change.items()},
             "weight_drift": round(injector.weight_drift(initial), 6)}
 
 
@@ -369,7 +370,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
         torch.manual_seed(cfg.seed)
         injector = RTNInjector(model, cfg.rtn_layers, cfg.rtn_variant, cfg.rtn_hidden,
                                num_sources=len(src_feats), per_source=cfg.rtn_per_source,
-                               detach_input=cfg.rtn_detach, init=cfg.rtn_init).to(device)
+                               detach_input=cfg.rtn_detach, init=cfg.rtn_init,
+                               preserve_norm=cfg.rtn_norm == "preserve").to(device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, injector)
     # every rank starts from rank 0's weights (random task head, RTNs); dropout then differs per rank
@@ -622,7 +624,10 @@ def rtn_log_line(rtn: dict[str, Any] | None) -> str:
     """
     if not rtn:
         return ""
-    text = f"  rtn: change {rtn['rel_change']:.3f} drift {rtn['weight_drift']:.3f}"
+    text = f"  rtn: change {rtn['rel_change']:.3f}"
+    if rtn.get("norm_ratio") is not None:
+        text += f" (norm x{rtn['norm_ratio']:.2f} cos {rtn['cosine']:.2f})"
+    text += f" drift {rtn['weight_drift']:.3f}"
     if rtn.get("hypergrad_snr") is not None:
         text += f" snr {rtn['hypergrad_snr']:.2f}"
     if rtn.get("meta_loss_before") is not None:

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""The issue-29 tuning table: dev F1 (the only score used to choose) and the RTN diagnostics of
+every finished run under a folder (default: results/tuning_29).
+
+    python examples/tuning/summary.py results/tuning_29
+
+Run folders are named ``<target>-<source>-<setting>-s<seed>``; the table has one row per run, with
+the best dev F1, the epoch it was reached, the last epoch's RTN diagnostics (relative change of the
+probe batch's source vectors, weight drift from the start, hypergradient signal-to-noise, the meta
+loss change of phi's step) and the wall time. Test F1 is not shown: it plays no part in the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def rows(folder: Path) -> list[dict]:
+    out = []
+    for path in sorted(folder.glob("*/results.json")):
+        res = json.loads(path.read_text())
+        if res.get("status") != "finished":
+            continue
+        last = res["epochs"][-1].get("rtn") or {}
+        before, after = last.get("meta_loss_before"), last.get("meta_loss_after")
+        out.append({
+            "run": path.parent.name, "method": res["method"], "best_epoch": res["best_epoch"],
+            "dev_f1": res["dev"]["f1"], "rel_change_start": (res.get("rtn_init") or {}).get("rel_change"),
+            "rel_change": last.get("rel_change"), "drift": last.get("weight_drift"),
+            "snr": last.get("hypergrad_snr"), "meta_step": None if before is None else after - before,
+            "minutes": res.get("wall_seconds", 0) / 60,
+        })
+    return out
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main(argv: list[str]) -> int:
+    folder = Path(argv[0] if argv else "results/tuning_29")
+    table = rows(folder)
+    if not table:
+        print(f"no finished runs under {folder}", file=sys.stderr)
+        return 1
+    print("| run | dev F1 | best epoch | RTN change (start -> end) | weight drift | hypergrad SNR | "
+          "meta-loss change of phi's step | minutes |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for r in table:
+        change = "-" if r["rel_change"] is None else f"{fmt(r['rel_change_start'], '.3f')} -> {r['rel_change']:.3f}"
+        print(f"| {r['run']} | {r['dev_f1']:.2f} | {r['best_epoch']} | {change} | {fmt(r['drift'], '.3f')} | "
+              f"{fmt(r['snr'], '.2f')} | {fmt(r['meta_step'], '+.5f')} | {r['minutes']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
