@@ -131,8 +131,10 @@ def test_optimised_step_equals_algorithm_1(name):
     assert_same(theta, theta_ref, "theta")
     # not a vacuous comparison: both moved, phi by a hypergradient that is not ~0 (except without source)
     start_model, start_injector, *_ = build(case)
-    moved_phi = max(float((p - q).detach().abs().max()) for p, q in zip(injector.parameters(), start_injector.parameters()))
-    moved_theta = max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), start_model.parameters()))
+    def moved(a, b):
+        return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+    moved_phi, moved_theta = moved(injector, start_injector), moved(model, start_model)
     assert moved_theta > 1e-4
     if case.source:
         assert moved_phi > 1e-6, "degenerate case: phi did not move"

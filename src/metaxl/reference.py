@@ -79,15 +79,16 @@ def metaxl_sgd_step(model: nn.Module, injector: RTNInjector, src: Batch | None, 
         names = [n for n in theta if virtual is None or n in virtual]
         grads = torch.autograd.grad(train_loss(theta, phi), [theta[n] for n in names], create_graph=True,
                                     allow_unused=True)
-        theta_prime = {**theta, **{n: theta[n] - inner_lr * g for n, g in zip(names, grads) if g is not None}}
+        stepped = {n: theta[n] - inner_lr * g for n, g in zip(names, grads, strict=True) if g is not None}
+        theta_prime = {**theta, **stepped}
         # (3) the exact hypergradient d L_meta(theta'(phi)) / d phi, and phi's SGD step
         hyper = torch.autograd.grad(loss(theta_prime, phi, meta, None), list(phi.values()), allow_unused=True)
-    new_phi = {n: (p - lr_phi * h if h is not None else p).detach() for (n, p), h in zip(phi.items(), hyper)}
+    new_phi = {n: (p if h is None else p - lr_phi * h).detach() for (n, p), h in zip(phi.items(), hyper, strict=True)}
     # (4) theta's SGD step on L_train at the new phi, the gradient clipped
     grads = torch.autograd.grad(train_loss(theta, new_phi), list(theta.values()), allow_unused=True)
-    grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(theta.values(), grads))
+    grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(theta.values(), grads, strict=True))
     if max_grad_norm is not None:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         grads = tuple(g * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) for g in grads)
-    new_theta = {n: (p - lr_theta * g).detach() for (n, p), g in zip(theta.items(), grads)}
+    new_theta = {n: (p - lr_theta * g).detach() for (n, p), g in zip(theta.items(), grads, strict=True)}
     return new_theta, new_phi
