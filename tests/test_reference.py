@@ -184,3 +184,20 @@ def test_a_perturbed_optimised_step_disagrees(monkeypatch, perturbation, case_na
     else:
         with pytest.raises(AssertionError):
             assert_same(phi, phi_ref, "phi")
+
+
+def test_reference_hypergradient_matches_finite_differences():
+    """The reference itself against central finite differences of the meta objective
+    F(phi) = L_meta(theta - a grad_theta L_train(theta, phi)) (test_meta's, computed from scratch):
+    phi's step of the reference is -lr_phi times the derivative of F."""
+    from test_meta import A, fd_hypergrad
+
+    assert A == INNER_LR
+    case = Case(layers=(0, 2))
+    model, injector, learner, src, tgt, meta_batch = build(case)
+    _, phi_ref = metaxl_sgd_step(model, injector, src, tgt, meta_batch, inner_lr=INNER_LR, lr_theta=LR_THETA,
+                                 lr_phi=LR_PHI)
+    hyper = torch.cat([((p.detach() - phi_ref[n]) / LR_PHI).reshape(-1) for n, p in injector.named_parameters()])
+    reference = fd_hypergrad(model, injector, learner, src, tgt, meta_batch)
+    assert reference.norm() > 1e-6, "degenerate test: the hypergradient is ~0"
+    assert float((hyper - reference).norm() / reference.norm()) < 1e-4
