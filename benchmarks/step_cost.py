@@ -373,9 +373,9 @@ def make_runner(v: Variant, model: Any, args: argparse.Namespace, device: torch.
 
 # ---------------------------------------------------------------------------- phases
 def phase_breakdown(r: Runner, src: Batch, tgt: Batch, meter: Meter) -> list[tuple[str, float, int, int]]:
-    """One step of ``r``'s method, mirroring the joint computation of meta.py
-    (``Learner._hypergradient_joint``: single process, no GradScaler, no reuse of the target
-    gradient), timed by phase. Returns (phase, seconds, peak bytes in the phase above the step start, bytes held at
+    """One step of ``r``'s method, mirroring the joint computation of MetaXL's step (``L_train``
+    differentiated as a whole, as meta.py did before it kept the target gradient: single process,
+    no GradScaler, no reuse of the target gradient), timed by phase. Returns (phase, seconds, peak bytes in the phase above the step start, bytes held at
     its end above the step start)."""
     L = r.learner
     out: list[tuple[str, float, int, int]] = []

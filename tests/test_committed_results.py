@@ -127,7 +127,7 @@ def test_results_md_paired_tables_match_the_significance_csvs(
 
 
 def test_results_md_coverage_table_counts_the_committed_runs(reports: dict[str, ReportResult]) -> None:
-    """The table of targets finished per setting and seed at the top of docs/results.md."""
+    """The table of targets finished per setting and seed in docs/results.md's setting."""
     fresh = coverage_markdown(_study_tables(reports), NAMES)
     doc = next(t for t in _md_section_tables(RESULTS_MD.read_text()) if t[0][:2] == ["table", "setting"])
     assert doc == _md_section_tables(fresh)[0], (

@@ -20,8 +20,9 @@ taken once, first order, over all of theta, and kept; only ``g_src = grad L_src`
 ``<g_src, g'>``), ``theta' = theta - a (g_src + g_tgt)`` is freed once ``g'`` is taken, the
 finite-difference shifted losses are source-only, and step 4 recomputes only ``L_src`` (new
 phi), whose gradient accumulates into the kept ``g_tgt`` before averaging, clipping and the step.
-With a GradScaler (fp16) the joint computation through ``L_train`` is kept
-(:meth:`Learner._hypergradient_joint`). Same maths either way, up to rounding and dropout masks.
+With a GradScaler (fp16) the theta step recomputes the whole ``L_train`` (its backward is scaled);
+without a source batch ``L_train`` does not depend on phi and the hypergradient is zero.
+:func:`metaxl.reference.metaxl_sgd_step` is the same step written plainly (tests/test_reference.py).
 
 The word-embedding matrix (vocab x d, most of a multilingual encoder's weights) takes the virtual
 step on the rows the batches use only (:class:`EmbeddingRows`): the meta loss reads the meta
@@ -668,11 +669,11 @@ class Learner:
         g = {n: gt for n, gt in zip(self.theta, g_all, strict=True) if gt is not None}
         return g_all, g, float(loss_tgt.detach())
 
-    def embedding_rows(self, src: Batch, meta: Batch) -> EmbeddingRows | None:
+    def embedding_rows(self, src: Batch | None, meta: Batch) -> EmbeddingRows | None:
         """The rows the word embeddings' virtual step needs (:class:`EmbeddingRows`), or None
         where the dense step is taken: embeddings frozen or below ``virtual_from_layer``, weights
-        tied to an output layer, torch.distributed, ``row_sparse_embeddings = False``."""
-        if not self.row_sparse_embeddings or _dist_ready() or "input_ids" not in src or "input_ids" not in meta:
+        tied to an output layer, torch.distributed, ``row_sparse_embeddings = False``, no source batch."""
+        if src is None or not self.row_sparse_embeddings or _dist_ready() or "input_ids" not in src or "input_ids" not in meta:
             return None
         emb = self.model.get_input_embeddings()  # type: ignore[operator]
         out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None  # type: ignore[operator]
@@ -696,12 +697,9 @@ class Learner:
         theta and kept for the theta step; only ``L_src`` is differentiated with ``create_graph``
         (the phi-derivative of ``<g_tgt, g'>`` is 0) and the finite-difference shifted losses are
         source-only. The word embeddings take the virtual step on the batches' rows
-        (:meth:`embedding_rows`). With a GradScaler (fp16) or without a source batch, the joint
-        computation :meth:`_hypergradient_joint` is used instead.
+        (:meth:`embedding_rows`). With a GradScaler (fp16) the target gradient is not returned
+        (theta's step backpropagates the whole scaled loss).
         """
-        if self.scaler is not None or src is None:
-            phi_grads, meta_value = self._hypergradient_joint(src, source, tgt, meta)
-            return phi_grads, meta_value, None, 0.0
         names = self.virtual_names
         theta = [self.theta[n] for n in names]
         lrs = self.inner_lrs()
@@ -717,22 +715,21 @@ class Learner:
         inputs: list[torch.Tensor] = list(theta)
         src_sub: dict[str, torch.Tensor] | None = None
         src_in = src
-        if rows is not None:
+        if rows is not None and src is not None:
             w_src = theta[rows.index].index_select(0, rows.src)
             inputs = [w_src if i == rows.index else p for i, p in enumerate(theta)]
             src_sub, src_in = {rows.name: w_src}, remap_ids(src, rows.src)
         rng = rng_state(theta[0].device)  # finite differences: the shifted forwards replay its dropout masks
-        with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
-            loss_s = self.train_loss(src_in, source, None, params=src_sub)
         # reuse_source_gradient: also the parameters outside the virtual step, for theta's step
-        others: list[torch.Tensor] = [self.theta[n] for n in self.other_names] if self.cfg.reuse_source_gradient else []
-        g_src = list(torch.autograd.grad(loss_s, inputs + others, create_graph=exact, allow_unused=True))
+        reuse = self.cfg.reuse_source_gradient and self.scaler is None
+        others: list[torch.Tensor] = [self.theta[n] for n in self.other_names] if reuse else []
+        with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
+            g_src, loss_s_value = self._source_gradient(src_in, source, inputs + others, src_sub, exact)
         g_src_kept: list[torch.Tensor | None] | None = None
-        if self.cfg.reuse_source_gradient:
+        if reuse:
             g_src_kept = [None if g is None else g.detach() for g in g_src]
         g_src = g_src[: len(names)]
-        loss_s_value = float(loss_s.detach())
-        del loss_s, src_sub, inputs
+        del src_sub, inputs
         if rows is not None and g_src[rows.index] is not None:  # the source gradient at the meta rows
             g_src[rows.index] = gather_rows(g_src[rows.index], rows.src, rows.meta)  # type: ignore[arg-type]
 
@@ -763,7 +760,7 @@ class Learner:
 
         # (3) d L_meta / d phi = -a * d/dphi <g_src(phi), g'> (per-tensor lrs folded into g')
         a, g_meta = self.meta_factor(g_meta, lrs)
-        if exact:
+        if exact or src is None:  # (no source batch: nothing depends on phi, mixed_term gives zeros)
             grads = mixed_term(g_src, g_meta, self.phi)
             del g_src
             phi_grads = [torch.zeros_like(p) if d is None else -a * d for p, d in zip(self.phi, grads, strict=True)]
@@ -783,7 +780,19 @@ class Learner:
 
             phi_grads = self._central_difference(phi_grad_at, a, eps)
         allreduce_mean(phi_grads)
-        return phi_grads, meta_value, g_tgt_all, loss_t
+        return phi_grads, meta_value, (g_tgt_all if self.scaler is None else None), loss_t
+
+    def _source_gradient(
+        self, src: Batch | None, source: int, inputs: list[torch.Tensor], params: dict[str, torch.Tensor] | None,
+        exact: bool,
+    ) -> tuple[list[torch.Tensor | None], float]:
+        """``grad L_src`` with respect to ``inputs`` (with ``create_graph`` when ``exact``) and
+        ``L_src``; without a source batch, no gradient and 0."""
+        if src is None:
+            return [None] * len(inputs), 0.0
+        loss_s = self.train_loss(src, source, None, params=params)
+        grads: list[torch.Tensor | None] = list(torch.autograd.grad(loss_s, inputs, create_graph=exact, allow_unused=True))
+        return grads, float(loss_s.detach())
 
     def _add_source_gradient(
         self, g_tgt_all: list[torch.Tensor | None] | None, g_src: list[torch.Tensor | None], rows: EmbeddingRows | None
@@ -817,57 +826,6 @@ class Learner:
             phi_grads.append(-a * (gp - gn) / (2 * eps))
         return phi_grads
 
-    def _hypergradient_joint(
-        self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch
-    ) -> tuple[list[torch.Tensor], float]:
-        """The hypergradient from the joint ``L_train = L_src + L_tgt`` (second order through
-        both in the exact mode): the GradScaler (fp16) and target-only code path."""
-        names = self.virtual_names
-        theta = [self.theta[n] for n in names]
-        lrs = self.inner_lrs()
-        exact = self.cfg.hypergrad == "exact"
-
-        # (1) g = grad_theta L_train(theta, phi); a graph through g is kept for the exact mode.
-        # Fused attention kernels have no double backward: the exact mode uses the math kernel.
-        rng = rng_state(theta[0].device)  # finite differences: the shifted forwards replay its dropout masks
-        with sdpa_kernel([SDPBackend.MATH]) if exact else contextlib.nullcontext():
-            loss = self.train_loss(src, source, tgt)
-        raw = torch.autograd.grad(loss, theta, create_graph=exact, allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(theta, raw, strict=True)]
-        g_avg = [gi.detach().clone() for gi in g]
-        allreduce_mean(g_avg)
-
-        # (2) virtual step theta' = theta - a g, and g' = grad L_meta(theta')
-        theta_prime = {
-            n: (p.detach() - lr * gi).requires_grad_() for n, p, gi, lr in zip(names, theta, g_avg, lrs, strict=True)
-        }
-        with self.autocast():
-            meta_loss = batch_loss(self.model, meta, theta_prime)
-        raw = torch.autograd.grad(meta_loss, list(theta_prime.values()), allow_unused=True)
-        g_meta = [torch.zeros_like(p) if gm is None else gm.detach() for p, gm in zip(theta, raw, strict=True)]
-        allreduce_mean(g_meta)
-
-        # (3) d L_meta / d phi = -a * d/dphi <g(phi), g'> (per-tensor lrs folded into g')
-        a, g_meta = self.meta_factor(g_meta, lrs)
-        if exact:
-            grads = mixed_term(g, g_meta, self.phi)
-            phi_grads = [torch.zeros_like(p) if d is None else -a * d for p, d in zip(self.phi, grads, strict=True)]
-        else:
-            del g, loss
-            eps = self.cfg.fd_epsilon / max(global_norm(g_meta), 1e-12)
-
-            def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
-                shifted = {
-                    n: (p.detach() + sign * eps * gm) for n, p, gm in zip(names, theta, g_meta, strict=True)
-                }
-                with replayed_rng(rng):  # the dropout masks of g's forward, at both shifts
-                    loss_s = self.train_loss(src, source, tgt, params=shifted)
-                return torch.autograd.grad(loss_s, self.phi, allow_unused=True)
-
-            phi_grads = self._central_difference(phi_grad_at, a, eps)
-        allreduce_mean(phi_grads)
-        return phi_grads, float(meta_loss.detach())
-
     def metaxl_step(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch) -> StepStats:
         """Algorithm 1: hypergradient into phi, phi step, then theta step with the new phi.
 
@@ -899,8 +857,9 @@ class Learner:
             loss = self.train_loss(src, source, tgt)  # recomputed with the new phi
             self._update_theta(loss)
             return StepStats(float(loss.detach()), meta_loss, phi_norm, meta_probe)
-        if self.cfg.reuse_source_gradient and src is not None:
-            # the kept gradient already holds g_src at the old phi: no recomputation (approximate)
+        if src is None or self.cfg.reuse_source_gradient:
+            # the kept gradient is all of grad L_train: no source batch, or it already holds g_src
+            # at the old phi (reuse_source_gradient, approximate): no recomputation
             self._update_theta(None, kept=g_tgt)
             return StepStats(loss_t, meta_loss, phi_norm, meta_probe)
         loss = self.train_loss(src, source, None)  # the source part, recomputed with the new phi

@@ -973,6 +973,28 @@ def make_report(
     """
     runs_dir = Path(runs_dir)
     out_dir = Path(out) if out is not None else runs_dir / "report"
+    records, entries, missing = _read_runs(runs_dir, out_dir, metric, split, related)
+    tables, duplicates = build_tables(entries)
+    comparisons = paired_comparisons(entries, tables)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = _counts(records, duplicates, missing)
+    files: list[Path] = []
+    md = _summary_markdown(runs_dir, counts, missing, duplicates, metric, split)
+    md += _tables_markdown(tables, out_dir, files, metric, split, plots)
+    md += _paired_markdown(comparisons, out_dir, files, plots)
+    md += _runs_markdown(tables, records)
+    files.append(_write_runs_csv(out_dir / "runs.csv", records, entries, metric, split))
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md))
+    files.insert(0, md_path)
+    return ReportResult(out_dir, md_path, tables, comparisons, records, files, counts)
+
+
+def _read_runs(
+    runs_dir: Path, out_dir: Path, metric: str, split: str, related: RelatedFn | None
+) -> tuple[list[RunRecord], list[_Entry], list[str]]:
+    """The run records under ``runs_dir`` (``out_dir`` skipped), the entries that have
+    ``split.metric`` and the runs that miss it; a one-line error where there is nothing to report."""
     if split not in ("dev", "test"):
         raise MetaXLError(f"--split {split!r} is not valid; choose dev or test")
     records = collect_runs(runs_dir, skip=[out_dir])
@@ -993,10 +1015,10 @@ def make_report(
             f"no finished run under {runs_dir} has {split}.{metric}; available {split} metrics: "
             f"{', '.join(avail) or 'none'} (choose one with --metric, or --split dev/test)"
         )
-    tables, duplicates = build_tables(entries)
-    comparisons = paired_comparisons(entries, tables)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
+    return records, entries, missing
+
+
+def _counts(records: list[RunRecord], duplicates: list[str], missing: list[str]) -> dict[str, int]:
     counts = {
         s: sum(1 for r in records if r.status == s)
         for s in ("finished", "unfinished", "failed", "unreadable")
@@ -1004,10 +1026,16 @@ def make_report(
     counts["read"] = len(records)
     counts["duplicates"] = len(duplicates)
     counts["no_metric"] = len(missing)
+    return counts
 
+
+def _summary_markdown(
+    runs_dir: Path, counts: dict[str, int], missing: list[str], duplicates: list[str], metric: str, split: str
+) -> list[str]:
+    """The report's title, what was read, and how to read a cell."""
     md: list[str] = ["# MetaXL report", ""]
     md.append(
-        f"Read {len(records)} run folders under `{runs_dir}`: {counts['finished']} finished, "
+        f"Read {counts['read']} run folders under `{runs_dir}`: {counts['finished']} finished, "
         f"{counts['unfinished']} skipped unfinished, {counts['failed']} failed"
         + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else "")
         + "."
@@ -1025,6 +1053,14 @@ def make_report(
         "targets, `avg of the N shared` averages every row over the same N targets, the column to compare.",
         "",
     ]
+    return md
+
+
+def _tables_markdown(
+    tables: list[Table], out_dir: Path, files: list[Path], metric: str, split: str, plots: bool
+) -> list[str]:
+    """One section per table; writes each table's CSV (and PNG with ``plots``), added to ``files``."""
+    md: list[str] = []
     for table in tables:
         md += [f"## {table.title}", "", table_markdown(table), ""]
         if table.uniform_n and table.rows:
@@ -1043,7 +1079,16 @@ def make_report(
             plot_table(table, png, f"{split} {metric}")
             files.append(png)
             md += [f"![{table.title}]({png.name})", ""]
-    md += ["## Paired comparison: MetaXL − JT", ""]
+    return md
+
+
+_PAIRED_HEADER = "| table | source | comparison | {n} | mean Δ | 95% CI | wins/losses/ties | t-test p | Wilcoxon p | Holm p |"
+
+
+def _paired_markdown(comparisons: list[Comparison], out_dir: Path, files: list[Path], plots: bool) -> list[str]:
+    """The paired MetaXL − JT section (by pair, and by target where that differs); writes
+    significance.csv, pairs.csv and (with ``plots``) paired.png, added to ``files``."""
+    md = ["## Paired comparison: MetaXL − JT", ""]
     holm_p = holm([c.stats.t_p for c in comparisons])
     by_target = [c.by_target() for c in comparisons]
     holm_t = holm([t.t_p for t in by_target])
@@ -1054,11 +1099,7 @@ def make_report(
             f"Holm p: the t-test p adjusted for the {len(comparisons)} comparison(s) of this report "
             "(Holm-Bonferroni; a difference is significant at 5% family-wise where it is <= 0.05)."
         )
-        md += [
-            "",
-            "| table | source | comparison | n | mean Δ | 95% CI | wins/losses/ties | t-test p | Wilcoxon p | Holm p |",
-            "|---|---|---|---:|---:|---|---|---:|---:|---:|",
-        ]
+        md += ["", _PAIRED_HEADER.format(n="n"), "|---|---|---|---:|---:|---|---|---:|---:|---:|"]
         md += [_paired_row(c, c.stats, adj) for c, adj in zip(comparisons, holm_p, strict=True)]
     if any(len(c.pairs) > t.n for c, t in zip(comparisons, by_target, strict=True)):  # else the same table again
         md += [
@@ -1067,7 +1108,7 @@ def make_report(
             "its data; this asks whether the difference holds across languages). Same columns; Holm "
             "over the same comparisons.",
             "",
-            "| table | source | comparison | targets | mean Δ | 95% CI | wins/losses/ties | t-test p | Wilcoxon p | Holm p |",
+            _PAIRED_HEADER.format(n="targets"),
             "|---|---|---|---:|---:|---|---|---:|---:|---:|",
         ]
         md += [_paired_row(c, t, adj) for c, t, adj in zip(comparisons, by_target, holm_t, strict=True)]
@@ -1082,68 +1123,44 @@ def make_report(
     else:
         md.append("No MetaXL and JT runs with matching (target, source, source size, seed) to pair.")
     md.append("")
-    sig_path = out_dir / "significance.csv"
-    with open(sig_path, "w", newline="") as f:
+    files.append(_write_significance_csv(out_dir / "significance.csv", comparisons, by_target, holm_p, holm_t))
+    files.append(_write_pairs_csv(out_dir / "pairs.csv", comparisons))
+    if plots and comparisons:
+        png = out_dir / "paired.png"
+        paired_figure(comparisons, holm_p).savefig(png, dpi=110, bbox_inches="tight")
+        files.append(png)
+    return md
+
+
+_SIGNIFICANCE_COLUMNS = [
+    "table", "source", "treatment", "control", "n", "mean_diff", "ci_low", "ci_high", "wins", "losses", "ties",
+    "ttest_p", "wilcoxon_p", "ttest_p_holm", "targets", "target_mean_diff", "target_ci_low", "target_ci_high",
+    "target_wins", "target_losses", "target_ttest_p", "target_wilcoxon_p", "target_ttest_p_holm",
+]
+
+
+def _write_significance_csv(
+    path: Path, comparisons: list[Comparison], by_target: list[PairedStats], holm_p: list[float], holm_t: list[float]
+) -> Path:
+    """One row per comparison: its paired statistics by pair, then by target."""
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            [
-                "table",
-                "source",
-                "treatment",
-                "control",
-                "n",
-                "mean_diff",
-                "ci_low",
-                "ci_high",
-                "wins",
-                "losses",
-                "ties",
-                "ttest_p",
-                "wilcoxon_p",
-                "ttest_p_holm",
-                "targets",
-                "target_mean_diff",
-                "target_ci_low",
-                "target_ci_high",
-                "target_wins",
-                "target_losses",
-                "target_ttest_p",
-                "target_wilcoxon_p",
-                "target_ttest_p_holm",
-            ]
-        )
+        w.writerow(_SIGNIFICANCE_COLUMNS)
         for c, t, adj, adj_t in zip(comparisons, by_target, holm_p, holm_t, strict=True):
             s = c.stats
-            w.writerow(
-                [
-                    c.table,
-                    c.kind,
-                    c.treatment,
-                    c.control,
-                    s.n,
-                    _csv_num(s.mean),
-                    _csv_num(s.ci_low),
-                    _csv_num(s.ci_high),
-                    s.wins,
-                    s.losses,
-                    s.ties,
-                    _csv_num(s.t_p),
-                    _csv_num(s.wilcoxon_p),
-                    _csv_num(adj),
-                    t.n,
-                    _csv_num(t.mean),
-                    _csv_num(t.ci_low),
-                    _csv_num(t.ci_high),
-                    t.wins,
-                    t.losses,
-                    _csv_num(t.t_p),
-                    _csv_num(t.wilcoxon_p),
-                    _csv_num(adj_t),
-                ]
-            )
-    files.append(sig_path)
-    pairs_path = out_dir / "pairs.csv"
-    with open(pairs_path, "w", newline="") as f:
+            w.writerow([
+                c.table, c.kind, c.treatment, c.control,
+                s.n, _csv_num(s.mean), _csv_num(s.ci_low), _csv_num(s.ci_high), s.wins, s.losses, s.ties,
+                _csv_num(s.t_p), _csv_num(s.wilcoxon_p), _csv_num(adj),
+                t.n, _csv_num(t.mean), _csv_num(t.ci_low), _csv_num(t.ci_high), t.wins, t.losses,
+                _csv_num(t.t_p), _csv_num(t.wilcoxon_p), _csv_num(adj_t),
+            ])
+    return path
+
+
+def _write_pairs_csv(path: Path, comparisons: list[Comparison]) -> Path:
+    """Every (target, seed) pair of every comparison, with both scores and the difference."""
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["table", "source", "treatment", "control", "target", "seed", "treatment_value",
                     "control_value", "diff"])
@@ -1151,11 +1168,12 @@ def make_report(
             for target, seed, x, y in c.pairs:
                 w.writerow([c.table, c.kind, c.treatment, c.control, target, seed, _csv_num(x), _csv_num(y),
                             _csv_num(x - y)])
-    files.append(pairs_path)
-    if plots and comparisons:
-        png = out_dir / "paired.png"
-        paired_figure(comparisons, holm_p).savefig(png, dpi=110, bbox_inches="tight")
-        files.append(png)
+    return path
+
+
+def _runs_markdown(tables: list[Table], records: list[RunRecord]) -> list[str]:
+    """The runs finished per seed, the failed runs and the unfinished ones."""
+    md: list[str] = []
     if any(r.seeds for t in tables for r in t.rows):
         md += [
             "## Runs finished per seed",
@@ -1177,46 +1195,25 @@ def make_report(
         md += ["", "## Unfinished runs (skipped)", ""]
         md += [f"- `{r.rel}`: {r.reason}" for r in unfinished]
     md.append("")
-    runs_csv = out_dir / "runs.csv"
-    with open(runs_csv, "w", newline="") as f:
+    return md
+
+
+def _write_runs_csv(path: Path, records: list[RunRecord], entries: list[_Entry], metric: str, split: str) -> Path:
+    """One row per run folder read, finished or not, with its score where it has one."""
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            [
-                "run",
-                "status",
-                "task",
-                "method",
-                "target",
-                "source",
-                "source_size",
-                "seed",
-                f"{split}_{metric}",
-                "reason",
-            ]
-        )
+        w.writerow(["run", "status", "task", "method", "target", "source", "source_size", "seed",
+                    f"{split}_{metric}", "reason"])
         by_rel = {e.rel: e for e in entries}
         for r in records:
             e = by_rel.get(r.rel)
             cfg = r.config
-            w.writerow(
-                [
-                    r.rel,
-                    r.status,
-                    e.task if e else cfg.get("task", ""),
-                    cfg.get("method", ""),
-                    cfg.get("target", ""),
-                    "+".join(cfg.get("source") or []),
-                    cfg.get("source_size", ""),
-                    cfg.get("seed", ""),
-                    _csv_num(e.value) if e else "",
-                    r.reason,
-                ]
-            )
-    files.append(runs_csv)
-    md_path = out_dir / "report.md"
-    md_path.write_text("\n".join(md))
-    files.insert(0, md_path)
-    return ReportResult(out_dir, md_path, tables, comparisons, records, files, counts)
+            w.writerow([
+                r.rel, r.status, e.task if e else cfg.get("task", ""), cfg.get("method", ""),
+                cfg.get("target", ""), "+".join(cfg.get("source") or []), cfg.get("source_size", ""),
+                cfg.get("seed", ""), _csv_num(e.value) if e else "", r.reason,
+            ])
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
