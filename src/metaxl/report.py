@@ -982,6 +982,7 @@ def make_report(
     md = _summary_markdown(runs_dir, counts, missing, duplicates, metric, split)
     md += _tables_markdown(tables, out_dir, files, metric, split, plots)
     md += _paired_markdown(comparisons, out_dir, files, plots)
+    md += rtn_markdown(entries, records)
     md += _runs_markdown(tables, records)
     files.append(_write_runs_csv(out_dir / "runs.csv", records, entries, metric, split))
     md_path = out_dir / "report.md"
@@ -1169,6 +1170,52 @@ def _write_pairs_csv(path: Path, comparisons: list[Comparison]) -> Path:
                 w.writerow([c.table, c.kind, c.treatment, c.control, target, seed, _csv_num(x), _csv_num(y),
                             _csv_num(x - y)])
     return path
+
+
+RTN_COLUMNS = (("rel_change", "change of source vectors", ".3f"), ("norm_ratio", "norm ratio", ".2f"),
+               ("cosine", "cosine", ".2f"), ("weight_drift", "weight drift", ".3f"),
+               ("hypergrad_snr", "hypergradient SNR", ".2f"))
+
+
+def rtn_markdown(entries: list[_Entry], records: list[RunRecord]) -> list[str]:
+    """Is the RTN learning? The last epoch's RTN diagnostics (``results.json`` ``epochs[-1].rtn``),
+    averaged per task and setting over targets and seeds; nothing for runs without them (runs of
+    code before issue 29, methods without an RTN).
+
+    >>> e = _Entry("a", "ner", "", 200, "metaxl", "en", (), "t", 1, 50.0, "")
+    >>> r = RunRecord("a", "finished", {"rtn_init": {"rel_change": 0.3},
+    ...     "epochs": [{"rtn": {"rel_change": 0.5, "weight_drift": 0.2, "hypergrad_snr": 0.4}}]})
+    >>> for line in rtn_markdown([e], [r])[5:7]:
+    ...     print(line)
+    |---|---|---:|---:|---:|---:|---:|---:|
+    | ner | MetaXL (en) | 1 | 0.300 -> 0.500 | - | - | 0.200 | 0.40 |
+    """
+    by_rel = {r.rel: r for r in records}
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for e in entries:
+        res = by_rel[e.rel].results if e.rel in by_rel else None
+        epochs = (res or {}).get("epochs") or []
+        last = epochs[-1].get("rtn") if epochs else None
+        if last:
+            groups.setdefault((e.task, _label(e)), []).append(((res or {}).get("rtn_init") or {}, last))
+    if not groups:
+        return []
+
+    def mean(values: list[Any], spec: str) -> str:
+        vals = [float(v) for v in values if v is not None]
+        return format(sum(vals) / len(vals), spec) if vals else "-"
+
+    md = ["## RTN diagnostics", "",
+          "The RTN at the last epoch, mean over runs: relative change of a probe batch's source token vectors "
+          "(start -> end), norm ratio and cosine of RTN(h) to h, relative distance of its weights from the start, "
+          "signal-to-noise of the hypergradients (MetaXL; 1 = one direction, ~0 = noise).", "",
+          "| task | setting | runs | " + " | ".join(title for _, title, _ in RTN_COLUMNS) + " |",
+          "|---|---|---:|" + "---:|" * len(RTN_COLUMNS)]
+    for (task, label), runs in sorted(groups.items()):
+        cells = [f"{mean([s.get('rel_change') for s, _ in runs], '.3f')} -> {mean([e.get('rel_change') for _, e in runs], '.3f')}"]
+        cells += [mean([e.get(key) for _, e in runs], spec) for key, _, spec in RTN_COLUMNS[1:]]
+        md.append(f"| {task} | {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    return md + [""]
 
 
 def _runs_markdown(tables: list[Table], records: list[RunRecord]) -> list[str]:
