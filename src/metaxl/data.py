@@ -917,15 +917,11 @@ def resolve_dataset(
         "sentiraama": "Sentiraama (Telugu, IIIT Hyderabad LTRC; labels positive/negative)",
     }[corpus]
     looked_s = ", ".join(str(p) for p in looked)
-
-    def missing(split: str) -> list[Any]:
-        raise DataError(
-            f"{spec}: not found locally (looked in: {looked_s}) and not on the Hugging Face hub in the "
-            f"paper's form; get {source}, write {corpus}/{{train,dev,test}}.jsonl (or .csv) with text and "
-            f"label (or polarity) fields into a data folder, or pass a folder with train/dev/test files"
-        )
-
-    return Corpus(name, ctask, missing, looked_s)
+    raise DataError(  # raised here, not on load: `metaxl sweep --dry-run` and prepare_data see it at once
+        f"{spec}: not found locally (looked in: {looked_s}) and not on the Hugging Face hub in the "
+        f"paper's form; get {source}, write {corpus}/{{train,dev,test}}.jsonl (or .csv) with text and "
+        f"label (or polarity) fields into a data folder, or pass a folder with train/dev/test files"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
