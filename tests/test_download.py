@@ -200,6 +200,9 @@ def test_cli_uses_the_mirror_env_and_default_folder(toy, tmp_path, monkeypatch, 
     assert main(["data", "download", "nusax:toy", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "cache" / "data") in out and "use the names as they are" in out
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["data", "download", "nusax:toy", "--no-progress", "--data-dir", str(elsewhere)]) == 0
+    assert f"pass --data-dir {elsewhere} (or set $METAXL_DATA={elsewhere}) to use them" in capsys.readouterr().out
     assert (tmp_path / "cache" / "data" / "nusax-senti" / "toy" / "train.csv").stat().st_size == 300_000
 
 

