@@ -326,7 +326,7 @@ def download(
     wanted = expand_names(names)
     if not wanted:
         raise DataError("nothing to download: name data sets, e.g. metaxl data download masakhaner2:luo nusax")
-    root = Path(data_dir or os.environ.get(DATA_ENV) or download_dir()).expanduser().absolute()
+    root = Path(os.path.normpath(Path(data_dir or os.environ.get(DATA_ENV) or download_dir()).expanduser().absolute()))
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
