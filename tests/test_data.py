@@ -52,6 +52,7 @@ def isolated(tmp_path, monkeypatch):
     cwd.mkdir(parents=True)
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("METAXL_DATA", raising=False)
+    monkeypatch.setenv("METAXL_CACHE", str(tmp_path / "cache"))  # no corpora downloaded earlier
     return tmp_path
 
 
@@ -277,13 +278,28 @@ def test_named_corpus_absent_lists_paths_and_how_to_get(isolated):
     empty = isolated / "empty"
     empty.mkdir()
     with pytest.raises(DataError) as e:
-        resolve_dataset("masakhaner2:luo", data_dir=empty)
+        resolve_dataset("masakhaner2:wol", data_dir=empty)  # (luo and en have the demo's subsets in the package)
     msg = str(e.value)
-    assert str(empty / "masakhaner2" / "luo") in msg
-    assert str(Path.cwd() / "data" / "masakhaner2" / "luo") in msg
+    assert str(empty / "masakhaner2" / "wol") in msg
+    assert str(Path.cwd() / "data" / "masakhaner2" / "wol") in msg
+    assert str(isolated / "cache" / "data" / "masakhaner2" / "wol") in msg  # where downloads go
+    assert f"metaxl data download masakhaner2:wol --data-dir {empty} (into {empty})" in msg
     assert "github.com/masakhane-io/masakhane-ner" in msg
-    with pytest.raises(DataError, match="github.com/IndoNLP/nusax"):
+    with pytest.raises(DataError, match=r"metaxl data download nusax:balinese .*github.com/IndoNLP/nusax"):
         resolve_dataset("nusax:balinese", data_dir=empty)
+
+
+def test_absent_corpus_names_download_into_the_default_folder(isolated):
+    with pytest.raises(DataError, match=r"To get it: metaxl data download nusax:balinese \(into .*cache/data\)"):
+        resolve_dataset("nusax:ban")
+
+
+def test_language_missing_here_but_downloadable(isolated, monkeypatch):
+    data = isolated / "corpora"
+    write(data / "masakhaner2" / "yy" / "train.txt", "b O\n")
+    monkeypatch.setenv("METAXL_DATA", str(data))
+    with pytest.raises(DataError, match=r"masakhaner2:wol: data set not found.*metaxl data download masakhaner2:wol"):
+        resolve_dataset("masakhaner2:wol")
 
 
 def test_named_local_layouts(isolated, monkeypatch):

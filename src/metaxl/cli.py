@@ -8,6 +8,7 @@ flags override it.
     metaxl evaluate runs/luo/checkpoint masakhaner2:luo --split test
     echo "Raila Odinga nodhi Kisumu" | metaxl predict runs/luo/checkpoint
     metaxl demo
+    metaxl data download masakhaner2:wol nusax
 """
 
 from __future__ import annotations
@@ -222,14 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import register_cli as register_demo
 
     register_demo(sub)
-    for module in ("e5", "sweep", "report", "analysis", "datainfo"):
+    for module in ("e5", "sweep", "report", "analysis", "datainfo", "download"):
         __import__(f"metaxl.{module}", fromlist=["register_cli"]).register_cli(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .download import route_argv
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(route_argv(sys.argv[1:] if argv is None else argv))  # `data download` -> its parser
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

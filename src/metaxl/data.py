@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ __all__ = [
     "subsample",
     "available_languages",
     "data_dirs",
+    "download_dir",
     "RELATED_LANGUAGES",
     "related_source",
     "SPLITS",
@@ -493,16 +495,30 @@ class Corpus:
         return f"Corpus(name={self.name!r}, task={self.task!r}, location={self.location!r})"
 
 
+def download_dir() -> Path:
+    """Where ``metaxl data download`` puts corpora by default, and the last folder searched.
+
+    ``$METAXL_CACHE/data``, else ``~/.cache/metaxl/data``.
+
+    >>> download_dir().name
+    'data'
+    """
+    env = os.environ.get("METAXL_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "metaxl") / "data"
+
+
 def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
     """The folders searched for local corpora, in order.
 
-    ``data_dir``, ``$METAXL_DATA``, ``./data``, ``../shared/data`` (relative to the current directory).
+    ``data_dir``, ``$METAXL_DATA``, ``./data``, ``../shared/data`` (relative to the current
+    directory), then :func:`download_dir` (``~/.cache/metaxl/data``).
 
     >>> [str(p) for p in data_dirs("/corpora")][0]
     '/corpora'
     """
     found: list[Path] = []
-    for item in (data_dir, os.environ.get(DATA_ENV) or None, "data", os.path.join("..", "shared", "data")):
+    for item in (data_dir, os.environ.get(DATA_ENV) or None, "data", os.path.join("..", "shared", "data"),
+                 download_dir()):
         if item is None:
             continue
         p = Path(item).expanduser()
@@ -516,12 +532,12 @@ def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
 # where to get the offline corpora, and their folder names under a data folder
 _HOW_TO_GET = {
     "masakhaner2": (
-        "get MasakhaNER 2.0 from github.com/masakhane-io/masakhane-ner (folder MasakhaNER2.0/"
+        "or get MasakhaNER 2.0 from github.com/masakhane-io/masakhane-ner (folder MasakhaNER2.0/"
         "transfer_corpus) and lay it out as masakhaner2/<lang>/{train,dev,test}.txt under one of them "
         f"(or set ${DATA_ENV} / --data-dir)"
     ),
     "nusax": (
-        "get NusaX-Senti from github.com/IndoNLP/nusax (folder datasets/sentiment) and lay it out as "
+        "or get NusaX-Senti from github.com/IndoNLP/nusax (folder datasets/sentiment) and lay it out as "
         f"nusax-senti/<language>/{{train,valid,test}}.csv under one of them (or set ${DATA_ENV} / --data-dir)"
     ),
 }
@@ -687,9 +703,46 @@ def available_languages(corpus_name: str, data_dir: str | Path | None = None) ->
     return sorted(langs)
 
 
-def _absent(corpus: str, spec: str, looked: list[Path]) -> DataError:
+def _absent(corpus: str, name: str, spec: str, looked: list[Path], data_dir: str | Path | None) -> DataError:
     paths = ", ".join(str(p) for p in looked)
-    return DataError(f"{spec}: data set not found; looked in: {paths}. To get it: {_HOW_TO_GET[corpus]}")
+    command = f"metaxl data download {name}" + (f" --data-dir {data_dir}" if data_dir is not None else "")
+    where = data_dir if data_dir is not None else (os.environ.get(DATA_ENV) or download_dir())
+    return DataError(
+        f"{spec}: data set not found; looked in: {paths}. To get it: {command} (into {where}), "
+        f"{_HOW_TO_GET[corpus]}"
+    )
+
+
+_NOTICED: set[str] = set()
+
+
+def _packaged_corpus(corpus: str, name: str, lang: str, ctask: str, sa_labels: str,
+                     label_map: LabelMap | None) -> Corpus | None:
+    """The demo subset shipped in the package (``metaxl/demo_data``), announced once per process."""
+    from .demo_subsets import DEMO_DATA_DIR
+
+    folder = DEMO_DATA_DIR / _FOLDERS[corpus][0] / lang
+    if not folder.is_dir():
+        return None
+    inner = _folder_corpus(name, folder, ctask, sa_labels, label_map)
+    sizes = ", ".join(
+        f"{f.read_text(encoding='utf-8').count(chr(10) + chr(10))} {split}"
+        for split in SPLITS if (f := folder / f"{split}.txt").is_file()
+    )
+    if name not in _NOTICED:
+        _NOTICED.add(name)
+        print(f"metaxl: {name} is in no data folder; using the demo subset shipped with metaxl ({sizes} "
+              f"sentences; CC BY-NC 4.0). The full corpus: metaxl data download {name}", file=sys.stderr)
+
+    def load(split: str) -> list[Any]:
+        if _split_file(folder, split, NER_EXTENSIONS + SA_EXTENSIONS) is None:
+            raise DataError(
+                f"{name}: the demo subset shipped with metaxl has no {split} split ({folder}); get the full "
+                f"corpus: metaxl data download {name}"
+            )
+        return inner.load(split)
+
+    return Corpus(name, ctask, load, str(folder))
 
 
 def _hub_loader(corpus: str, lang: str | None, spec: str, sa_labels: str, looked: list[Path]) -> Callable[[str], list[Any]]:
@@ -821,6 +874,7 @@ def resolve_dataset(
         raise DataError(
             f"{spec}: name a language, e.g. {corpus}:{langs[0] if langs else 'xx'}; "
             f"available: {', '.join(langs) or 'none found locally'}"
+            + (f" (metaxl data download {corpus}:<lang> fetches one)" if corpus in ("masakhaner2", "nusax") else "")
         )
     lang = lang.lower()
     if corpus == "nusax":
@@ -832,14 +886,20 @@ def resolve_dataset(
 
     if corpus in ("masakhaner2", "nusax"):
         folder, looked = _find_local(corpus, lang, data_dir)
-        if folder is None:
-            langs = available_languages(corpus, data_dir)
-            if langs:
-                raise DataError(
-                    f"{spec}: unknown {corpus} language {lang!r}; available: {', '.join(langs)}"
-                )
-            raise _absent(corpus, spec, looked)
         label_map = (lambda v: nusax_label(v, sa_labels)) if corpus == "nusax" else None
+        if folder is None:
+            packaged = _packaged_corpus(corpus, name, lang, ctask, sa_labels, label_map)
+            if packaged is not None:
+                return packaged
+            from .download import languages
+
+            langs = available_languages(corpus, data_dir)
+            if langs and lang not in languages(corpus):
+                raise DataError(
+                    f"{spec}: unknown {corpus} language {lang!r}; available: {', '.join(langs)} (here); "
+                    f"metaxl data download {corpus}:<lang> fetches {', '.join(languages(corpus))}"
+                )
+            raise _absent(corpus, name, spec, looked, data_dir)
         return _folder_corpus(name, folder, ctask, sa_labels, label_map)
 
     folder, looked = _find_local(corpus, lang or None, data_dir)
@@ -858,15 +918,11 @@ def resolve_dataset(
         "sentiraama": "Sentiraama (Telugu, IIIT Hyderabad LTRC; labels positive/negative)",
     }[corpus]
     looked_s = ", ".join(str(p) for p in looked)
-
-    def missing(split: str) -> list[Any]:
-        raise DataError(
-            f"{spec}: not found locally (looked in: {looked_s}) and not on the Hugging Face hub in the "
-            f"paper's form; get {source}, write {corpus}/{{train,dev,test}}.jsonl (or .csv) with text and "
-            f"label (or polarity) fields into a data folder, or pass a folder with train/dev/test files"
-        )
-
-    return Corpus(name, ctask, missing, looked_s)
+    raise DataError(  # raised here, not on load: `metaxl sweep --dry-run` and prepare_data see it at once
+        f"{spec}: not found locally (looked in: {looked_s}) and not on the Hugging Face hub in the "
+        f"paper's form; get {source}, write {corpus}/{{train,dev,test}}.jsonl (or .csv) with text and "
+        f"label (or polarity) fields into a data folder, or pass a folder with train/dev/test files"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -272,6 +272,7 @@ def register_cli(subparsers: Any) -> None:
         "data",
         help="what a data set holds: sizes, entities or labels, tokenizer coverage, examples",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="To fetch MasakhaNER 2.0 or NusaX-Senti: metaxl data download NAME... (see metaxl data download --help)",
     )
     p.add_argument("data", nargs="+", help="data set names (masakhaner2:fr, nusax:balinese), folders or files")
     p.add_argument("--splits", default="train,dev,test", help="comma list of train, dev, test (default: all three)")

