@@ -109,6 +109,7 @@ def test_every_rtn_run_records_whether_the_rtn_learns(toy_data, tiny_model, tmp_
     assert 0 <= rtn["hypergrad_snr"] <= 1 and -1 <= rtn["hypergrad_cosine"] <= 1
     assert rtn["hypergrad_steps"] == 3
     assert rtn["meta_loss_before"] > 0 and rtn["meta_loss_after"] > 0
+    assert rtn["meta_step_change"] == pytest.approx(rtn["meta_loss_after"] - rtn["meta_loss_before"], abs=2e-6)
     assert "rtn: change" in lines[0] and "snr" in lines[0] and "meta-step" in lines[0]
     # the official start changes source vectors a lot, and with meta lr 0 it never moves
     xav = runs["xavier"][0]

@@ -29,7 +29,8 @@ def rows(folder: Path) -> list[dict]:
             "run": path.parent.name, "method": res["method"], "best_epoch": res["best_epoch"],
             "dev_f1": res["dev"]["f1"], "rel_change_start": (res.get("rtn_init") or {}).get("rel_change"),
             "rel_change": last.get("rel_change"), "drift": last.get("weight_drift"),
-            "snr": last.get("hypergrad_snr"), "meta_step": None if before is None else after - before,
+            "snr": last.get("hypergrad_snr"),
+            "meta_step": last.get("meta_step_change", None if before is None else after - before),
             "minutes": res.get("wall_seconds", 0) / 60,
         })
     return out
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
     for r in table:
         change = "-" if r["rel_change"] is None else f"{fmt(r['rel_change_start'], '.3f')} -> {r['rel_change']:.3f}"
         print(f"| {r['run']} | {r['dev_f1']:.2f} | {r['best_epoch']} | {change} | {fmt(r['drift'], '.3f')} | "
-              f"{fmt(r['snr'], '.2f')} | {fmt(r['meta_step'], '+.5f')} | {r['minutes']:.0f} |")
+              f"{fmt(r['snr'], '.2f')} | {fmt(r['meta_step'], '+.1e')} | {r['minutes']:.0f} |")
     return 0
 
 

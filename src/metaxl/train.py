@@ -532,6 +532,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
                 if probes:
                     row["rtn"]["meta_loss_before"] = round(float(np.mean([b for b, _ in probes])), 6)
                     row["rtn"]["meta_loss_after"] = round(float(np.mean([a for _, a in probes])), 6)
+                    # the change itself, unrounded: one phi step moves the meta loss by ~1e-6 or less
+                    row["rtn"]["meta_step_change"] = float(np.mean([a - b for b, a in probes]))
         improved = dev_metrics["f1"] > best_f1
         if improved:
             best_f1 = dev_metrics["f1"]
@@ -618,7 +620,7 @@ def rtn_log_line(rtn: dict[str, Any] | None) -> str:
 
     >>> rtn_log_line({"rel_change": 0.31, "weight_drift": 0.015, "hypergrad_snr": 0.2,
     ...               "meta_loss_before": 0.5, "meta_loss_after": 0.49})
-    '  rtn: change 0.310 drift 0.015 snr 0.20 meta-step -0.0100'
+    '  rtn: change 0.310 drift 0.015 snr 0.20 meta-step -1.0e-02'
     >>> rtn_log_line(None)
     ''
     """
@@ -631,7 +633,8 @@ def rtn_log_line(rtn: dict[str, Any] | None) -> str:
     if rtn.get("hypergrad_snr") is not None:
         text += f" snr {rtn['hypergrad_snr']:.2f}"
     if rtn.get("meta_loss_before") is not None:
-        text += f" meta-step {rtn['meta_loss_after'] - rtn['meta_loss_before']:+.4f}"
+        change = rtn.get("meta_step_change", rtn["meta_loss_after"] - rtn["meta_loss_before"])
+        text += f" meta-step {change:+.1e}"
     return text
 
 
