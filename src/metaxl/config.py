@@ -15,6 +15,7 @@ of the YAML config file. Precedence: defaults < YAML file < command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ RTN_VARIANTS = ("plain", "gated")
 TASKS = ("auto", "ner", "sa")
 SA_LABELS = ("binary", "3way", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
+ON_NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -119,6 +121,10 @@ class TrainConfig:
     epoch is faster than writing the model and optimiser (small models on a GPU); a killed run then
     starts again from epoch 1."""
     progress: bool = True
+    on_nonfinite: str = "stop"
+    """A step giving a non-finite loss, hypergradient or weight: stop (the run fails, the best
+    checkpoint so far is kept) or skip (the step is undone with a warning and counted in
+    results.json; keeps a copy of the weights and optimiser state each step)."""
 
     # ------------------------------------------------------------------
     @classmethod
@@ -138,7 +144,7 @@ class TrainConfig:
         if "source" in data and data["source"] is None:
             data["source"] = []
         if isinstance(data.get("rtn_layers"), (str, int)):
-            data["rtn_layers"] = [int(x) for x in parse_list(str(data["rtn_layers"]))]
+            data["rtn_layers"] = parse_list(str(data["rtn_layers"]))  # each item checked by _coerce below
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         for key, value in list(data.items()):
             data[key] = _coerce(key, value, types[key], where)
@@ -150,7 +156,11 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror}); check the file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -208,6 +218,21 @@ class TrainConfig:
                               f"leave inner_lr unset (got inner_lr={self.inner_lr})")
         if self.fd_epsilon <= 0:
             raise ConfigError(f"fd_epsilon must be > 0, got {self.fd_epsilon}")
+        self._validate_numbers()
+
+    def _validate_numbers(self) -> None:
+        """Non-finite numbers, clipping, weight decay and on_nonfinite (checked last)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm must be > 0 (the gradient-norm clipping threshold; 1 is common), "
+                              f"got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ConfigError(f"on_nonfinite={self.on_nonfinite!r} is not valid; choose one of: {', '.join(ON_NONFINITE)}")
 
     @property
     def tgt_batch_size(self) -> int:
