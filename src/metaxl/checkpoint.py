@@ -65,7 +65,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Loaded:
     path = Path(path)
     meta_path = path / META_FILE
     if not path.is_dir():
-        raise ModelError(f"checkpoint folder not found: {path}")
+        raise ModelError(f"checkpoint folder not found: {path}; give the checkpoint folder metaxl train wrote "
+                         "(OUTPUT_DIR/checkpoint)")
     if not meta_path.is_file():
         hint = ""
         if (path / "checkpoint" / META_FILE).is_file():

@@ -81,8 +81,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = set(TrainConfig.field_names())
     data.update({k: v for k, v in vars(args).items() if k in names})
     cfg = TrainConfig.from_dict(data)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(_with_fix(str(err), getattr(args, "config", None))) from None
     return cfg
+
+
+def _with_fix(message: str, config: str | None) -> str:
+    """A config value's error, with where to change it (the flag, or the key of the YAML file).
+
+    >>> _with_fix("epochs must be >= 1, got 0", "c.yaml")
+    'epochs must be >= 1, got 0; set --epochs (or epochs: in c.yaml)'
+    """
+    key = message.split()[0].split("=")[0] if message else ""
+    if key not in TrainConfig.field_names() or " --" in message:
+        return message
+    flag = "--" + key.replace("_", "-")
+    return f"{message}; set {flag}" + (f" (or {key}: in {config})" if config else "")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -165,7 +181,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         path = Path(args.input)
         if not path.is_file():
-            raise MetaXLError(f"input file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+            if path.is_dir():
+                raise MetaXLError(f"--input {path} is a folder; give a text file with one sentence per line")
+            raise MetaXLError(f"input file not found: {path}; check the path (or pipe the text on stdin)")
         lines = decode_input(path.read_bytes(), str(path)).splitlines()
     lines = [line for line in lines if line.strip()]
     if not lines:

@@ -152,19 +152,16 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
+        from .guards import read_yaml_text, yaml_error
+
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot be read ({e.strerror}); check the file") from None
+            data = yaml.safe_load(read_yaml_text(path, "config file")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(yaml_error(path, e)) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}; "
+                              "write one key: value per line")
         return cls.from_dict(data, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,7 +265,7 @@ def _coerce(key: str, value: Any, type_name: str, where: str) -> Any:
         if base == "list[str]":
             return [str(v) for v in value]
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {key}={value!r} is not a valid {base}") from None
+        raise ConfigError(f"{where}: {key}={value!r} is not a valid {base}; give a {base.replace('list[', 'list of ').rstrip(']')}") from None
     return value
 
 

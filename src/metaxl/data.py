@@ -452,7 +452,7 @@ def read_classification(
             continue
         examples.append(SAExample(str(text_value), str(label)))
         lines.append(lineno)
-    if label_map is None:
+    if examples:
         _check_label_typos(path, [e.label for e in examples], lines)
     if not examples:
         raise DataError(

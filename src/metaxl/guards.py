@@ -256,8 +256,31 @@ def step_problem(loss: float, phi_grad_norm: float | None, params: Iterable[Any]
     # under fp16 an overflowing hypergradient is the loss scaler's business (its step is skipped)
     if phi_grad_norm is not None and not math.isfinite(phi_grad_norm) and precision != "fp16":
         return "the hypergradient (the RTN's gradient) is not finite"
-    if not all_finite(params):
+    return weight_problem(params)
+
+
+EXPLODED = 1e12
+"""A weight larger than this in absolute value has exploded (trained weights stay well below 1e3);
+the next forward pass overflows, or evaluation gives meaningless scores."""
+
+
+def weight_problem(params: Iterable[Any]) -> str | None:
+    """None, or what is wrong with the weights: not finite, or exploded (one synchronisation).
+
+    >>> import torch
+    >>> weight_problem([torch.ones(2)]) is None, weight_problem([torch.tensor([1e30])])
+    (True, 'the weights exploded after the update (|w| up to 1e+30)')
+    """
+    import torch
+
+    peaks = [t.detach().abs().max() for t in params if t.numel()]
+    if not peaks:
+        return None
+    peak = float(torch.stack([p.float() for p in peaks]).max())
+    if not math.isfinite(peak):
         return "the weights are not finite after the update"
+    if peak > EXPLODED:
+        return f"the weights exploded after the update (|w| up to {peak:.0e})"
     return None
 
 
@@ -296,6 +319,29 @@ class StepUndo:
             obj.load_state_dict(state)
 
 
+
+
+# ---------------------------------------------------------------------------- user files
+def yaml_error(path: Path, err: Exception) -> str:
+    """One line for a YAML syntax error: the file, the line and what to do."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{where}: not valid YAML ({problem}); fix the syntax (key: value per line)"
+
+
+def read_yaml_text(path: Path, what: str) -> str:
+    """The text of a YAML file, or a one-line error (missing, a folder, not UTF-8, unreadable)."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give the YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}; check the path")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror}); check the file and its permissions") from None
 
 
 # ---------------------------------------------------------------------------- evaluate / predict inputs

@@ -39,7 +39,7 @@ def resolve_model_path(name: str) -> str:
             )
         return str(path)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
-        raise ModelError(f"model folder not found: {name}")
+        raise ModelError(f"model folder not found: {name}; check the path, or use --model default")
     return name
 
 
