@@ -98,7 +98,7 @@ class Case:
 
 
 def _ner_lines(n: int = 3) -> str:
-    return "".join(f"amina B-PER\nwent O\nto O\nkisumu B-LOC\n\n" for _ in range(n))
+    return "".join("amina B-PER\nwent O\nto O\nkisumu B-LOC\n\n" for _ in range(n))
 
 
 GOOD_SA = "text,label\n" + "".join(f"good happy {i},positive\nbad sad {i},negative\n" for i in range(6))
