@@ -97,10 +97,6 @@ class Case:
     where: Callable[[Ctx], str] | None = None  # the file the error must name (default: none)
 
 
-def _ner_lines(n: int = 3) -> str:
-    return "".join("amina B-PER\nwent O\nto O\nkisumu B-LOC\n\n" for _ in range(n))
-
-
 GOOD_SA = "text,label\n" + "".join(f"good happy {i},positive\nbad sad {i},negative\n" for i in range(6))
 
 
