@@ -82,8 +82,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = set(TrainConfig.field_names())
     data.update({k: v for k, v in vars(args).items() if k in names})
     cfg = TrainConfig.from_dict(data)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(_with_fix(str(err), getattr(args, "config", None))) from None
     return cfg
+
+
+def _with_fix(message: str, config: str | None) -> str:
+    """A config value's error, with where to change it (the flag, or the key of the YAML file).
+
+    >>> _with_fix("epochs must be >= 1, got 0", "c.yaml")
+    'epochs must be >= 1, got 0; set --epochs (or epochs: in c.yaml)'
+    """
+    key = message.split()[0].split("=")[0] if message else ""
+    if key not in TrainConfig.field_names() or " --" in message:
+        return message
+    flag = "--" + key.replace("_", "-")
+    return f"{message}; set {flag}" + (f" (or {key}: in {config})" if config else "")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -97,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     try:
-        results = train(cfg, resume=args.resume)
+        results = train(cfg, resume=args.resume, log=pipe_safe_print)
     finally:
         cleanup()  # destroys the process group of a torchrun/accelerate launch (no-op otherwise)
     if not is_main():
@@ -126,11 +142,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     label2id = {label: i for i, label in enumerate(loaded.labels)}
     feats = encode(loaded.task, examples, loaded.tokenizer, label2id, loaded.max_length)
     pad = loaded.tokenizer.pad_token_id or 0
+    from pathlib import Path
+
+    from .guards import check_loaded_model, truncation_warning, write_json_atomic
+
+    if args.output and Path(args.output).is_dir():
+        raise MetaXLError(f"--output {args.output} is a folder; give a file name such as {Path(args.output) / 'metrics.json'}")
+    check_loaded_model(loaded, args.checkpoint)
+    if (note := truncation_warning(loaded.task, feats, loaded.max_length, f"{args.data} {args.split}")):
+        print(note, file=sys.stderr)
     metrics, _ = evaluate(loaded.model, loaded.task, examples, feats, loaded.labels, pad, args.batch_size, device)
     if args.output:
-        from pathlib import Path
-
-        Path(args.output).write_text(json.dumps(metrics, indent=2))
+        write_json_atomic(Path(args.output), metrics, "the metrics")
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -149,15 +172,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, str(device))
+    from .guards import check_loaded_model, decode_input
+
+    check_loaded_model(loaded, args.checkpoint)
     if args.input in (None, "-"):
-        lines = sys.stdin.read().splitlines()
+        lines = decode_input(sys.stdin.buffer.read(), "standard input").splitlines()
     else:
         from pathlib import Path
 
         path = Path(args.input)
         if not path.is_file():
-            raise MetaXLError(f"input file not found: {path}")
-        lines = path.read_text(encoding="utf-8").splitlines()
+            if path.is_dir():
+                raise MetaXLError(f"--input {path} is a folder; give a text file with one sentence per line")
+            raise MetaXLError(f"input file not found: {path}; check the path (or pipe the text on stdin)")
+        lines = decode_input(path.read_bytes(), str(path)).splitlines()
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise MetaXLError("no input text: give --input FILE or pipe lines on stdin (one sentence per line)")
@@ -228,11 +256,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pipe_safe_print(*args: Any, **kwargs: Any) -> None:
+    """``print`` that survives a closed pipe (``metaxl train ... | head -1``): later lines go to
+    /dev/null and the run goes on to the end, so results.json is finished, not left "running"."""
+    import os
+
+    try:
+        print(*args, **kwargs)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def negative_values(argv: Sequence[str]) -> list[str]:
+    """``--lr -1e-4`` -> ``--lr=-1e-4``: argparse takes a negative number in exponent notation for
+    an option and fails with "expected one argument" instead of the value's own check.
+
+    >>> negative_values(["train", "--lr", "-1e-4", "--epochs", "-2", "--no-progress"])
+    ['train', '--lr=-1e-4', '--epochs=-2', '--no-progress']
+    """
+    out: list[str] = []
+    for tok in argv:
+        prev = out[-1] if out else ""
+        if tok.startswith("-") and prev.startswith("--") and "=" not in prev and _is_number(tok):
+            out[-1] = f"{prev}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .download import route_argv
 
     parser = build_parser()
-    args = parser.parse_args(route_argv(sys.argv[1:] if argv is None else argv))  # `data download` -> its parser
+    # `data download` -> its parser; `--lr -1e-4` -> `--lr=-1e-4`
+    args = parser.parse_args(negative_values(route_argv(sys.argv[1:] if argv is None else list(argv))))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -241,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MetaXLError as err:
         if args.debug:
             raise
-        print(f"metaxl: error: {err}", file=sys.stderr)
+        print(f"metaxl: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metaxl: interrupted", file=sys.stderr)
@@ -251,6 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # a file system refusing a write or read the checks did not foresee
+        if args.debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"metaxl: error: {where}{err.strerror or err}; check the path, its permissions and free space",
+              file=sys.stderr)
+        return 1
 
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args", "ConfigError"]

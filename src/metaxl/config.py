@@ -35,6 +35,7 @@ HYPERGRAD_SCALES = ("none", "inverse-lr")
 TASKS = ("auto", "ner", "sa")
 SA_LABELS = ("binary", "3way", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
+ON_NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -146,6 +147,10 @@ class TrainConfig:
     epoch is faster than writing the model and optimiser (small models on a GPU); a killed run then
     starts again from epoch 1."""
     progress: bool = True
+    on_nonfinite: str = "stop"
+    """A step giving a non-finite loss, hypergradient or weight: stop (the run fails, the best
+    checkpoint so far is kept) or skip (the step is undone with a warning and counted in
+    results.json; keeps a copy of the weights and optimiser state each step)."""
 
     # ------------------------------------------------------------------
     @classmethod
@@ -165,7 +170,7 @@ class TrainConfig:
         if "source" in data and data["source"] is None:
             data["source"] = []
         if isinstance(data.get("rtn_layers"), (str, int)):
-            data["rtn_layers"] = [int(x) for x in parse_list(str(data["rtn_layers"]))]
+            data["rtn_layers"] = parse_list(str(data["rtn_layers"]))  # each item checked by _coerce below
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         for key, value in list(data.items()):
             data[key] = _coerce(key, value, types[key], where)
@@ -173,15 +178,16 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
+        from .guards import read_yaml_text, yaml_error
+
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(read_yaml_text(path, "config file")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(yaml_error(path, e)) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}; "
+                              "write one key: value per line")
         return cls.from_dict(data, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,6 +254,21 @@ class TrainConfig:
                               f"leave inner_lr unset (got inner_lr={self.inner_lr})")
         if self.fd_epsilon <= 0:
             raise ConfigError(f"fd_epsilon must be > 0, got {self.fd_epsilon}")
+        self._validate_numbers()
+
+    def _validate_numbers(self) -> None:
+        """Non-finite numbers, clipping, weight decay and on_nonfinite (checked last)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm must be > 0 (the gradient-norm clipping threshold; 1 is common), "
+                              f"got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ConfigError(f"on_nonfinite={self.on_nonfinite!r} is not valid; choose one of: {', '.join(ON_NONFINITE)}")
 
     @property
     def tgt_batch_size(self) -> int:
@@ -283,7 +304,7 @@ def _coerce(key: str, value: Any, type_name: str, where: str) -> Any:
         if base == "list[str]":
             return [str(v) for v in value]
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {key}={value!r} is not a valid {base}") from None
+        raise ConfigError(f"{where}: {key}={value!r} is not a valid {base}; give a {base.replace('list[', 'list of ').rstrip(']')}") from None
     return value
 
 

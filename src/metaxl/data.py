@@ -429,11 +429,12 @@ def read_classification(
     lcol = _pick_field(fields, label_field, LABEL_FIELDS, "label", path, "label_field")
 
     examples: list[SAExample] = []
+    lines: list[int] = []
     dropped = 0
     for lineno, item in rows:
         text_value = item.get(tcol)
         raw = item.get(lcol)
-        if text_value is None:
+        if text_value is None or not str(text_value).strip():
             raise DataError(f"{path}:{lineno}: missing text ({tcol!r}); every row needs a text")
         if raw is None or _raw_label(raw) == "":
             raise DataError(f"{path}:{lineno}: missing label ({lcol!r}); every row needs a label")
@@ -452,12 +453,38 @@ def read_classification(
             dropped += 1
             continue
         examples.append(SAExample(str(text_value), str(label)))
+        lines.append(lineno)
+    if examples:
+        _check_label_typos(path, [e.label for e in examples], lines)
     if not examples:
         raise DataError(
             f"{path}: no examples left: all {dropped} rows were dropped by the label mapping "
             f"(e.g. neutral rows with sa_labels=binary); use --sa-labels 3way or other data"
         )
     return examples
+
+
+def _check_label_typos(path: Path, labels: Sequence[str], lines: Sequence[int]) -> None:
+    """Raise on a rare label that looks like a misspelling of a frequent one (``positve`` among
+    hundreds of ``positive``): it would silently become a class of its own.
+
+    >>> _check_label_typos(Path("t.csv"), ["positive"] * 9 + ["negative"] * 9 + ["positve"], range(2, 21))
+    Traceback (most recent call last):
+    metaxl.errors.DataError: t.csv:20: label 'positve' (1 row) looks like a typo of 'positive' (9 rows); fix the label, or rename it if it is a class of its own
+    """
+    import difflib
+    from collections import Counter
+
+    counts = Counter(labels)
+    for label, n in counts.items():
+        frequent = [x for x, m in counts.items() if m >= max(5, 5 * n) and x != label]
+        norm = {x.strip().lower(): x for x in frequent}
+        close = difflib.get_close_matches(label.strip().lower(), list(norm), n=1, cutoff=0.8)
+        if close:
+            other = norm[close[0]]
+            line = lines[labels.index(label)]
+            raise DataError(f"{path}:{line}: label {label!r} ({n} row{'s' if n > 1 else ''}) looks like a typo of "
+                            f"{other!r} ({counts[other]} rows); fix the label, or rename it if it is a class of its own")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def resolve_model_path(name: str) -> str:
             )
         return str(path)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
-        raise ModelError(f"model folder not found: {name}")
+        raise ModelError(f"model folder not found: {name}; check the path, or use --model default")
     return name
 
 
@@ -65,7 +65,33 @@ def load_tokenizer(name: str) -> Any:
         raise _load_error(name, err) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"{name}: metaxl needs a fast tokenizer (tokenizer.json) for word alignment")
+    check_tokenizer(tokenizer, path, name)
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "vocab.json",
+                   "tokenizer.model")
+"""Files of which a model folder needs one for its vocabulary (without, transformers falls back
+to a tokenizer of only the special tokens, which turns every word into ``[UNK]``)."""
+
+
+def check_tokenizer(tokenizer: Any, path: str | Path, name: str) -> None:
+    """Raise unless ``tokenizer`` has a real vocabulary (not just the special tokens).
+
+    >>> check_tokenizer(None, "/nonexistent/model", "m")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    metaxl.errors.ModelError: /nonexistent/model: no tokenizer files ...
+    """
+    folder = Path(path)
+    if folder.is_dir() or str(path).startswith(("/", ".", "~")):
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...) in the model "
+                             f"folder; copy the tokenizer of the model it came from into it "
+                             f"(tokenizer.save_pretrained('{folder}'))")
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    if len(tokenizer) <= len(special) + 1:
+        raise ModelError(f"{name}: the tokenizer has only {len(tokenizer)} tokens (its special tokens): every word "
+                         "would be [UNK]; give a model folder with its tokenizer files")
 
 
 def load_model(name: str, task: str, labels: list[str]) -> Any:

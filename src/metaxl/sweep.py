@@ -160,7 +160,7 @@ class SweepSpec:
                 f"{where}: base: must be a mapping of TrainConfig keys, got {type(base).__name__}"
             )
         if not isinstance(grid, dict):
-            raise ConfigError(f"{where}: grid: must be a mapping of key: [values], got {type(grid).__name__}")
+            raise ConfigError(f"{where}: grid: must be a mapping of key: [values], got {type(grid).__name__}; write one key: [values] line per key")
         if not isinstance(exclude, list) or not all(isinstance(r, dict) for r in exclude):
             raise ConfigError(
                 f"{where}: exclude: must be a list of mappings like '- {{method: jt, source: related}}'"
@@ -187,13 +187,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
     >>> len(spec.grid["targets"])                                   # doctest: +SKIP
     8
     """
+    from .guards import read_yaml_text, yaml_error
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_yaml_text(path, "sweep file")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(yaml_error(path, e)) from None
     spec = SweepSpec.from_dict(data, where=str(path))
     if spec.name is None:
         spec.name = path.stem
@@ -367,7 +367,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
                     pass
         if t is str and isinstance(value, str):
             return value
-    raise ConfigError(f"{where}: {key}={value!r} is not a valid {_type_name(hint)}")
+    raise ConfigError(f"{where}: {key}={value!r} is not a valid {_type_name(hint)}; give a {_type_name(hint)}")
 
 
 def _as_sources(value: Any, where: str) -> list[str]:
@@ -1373,7 +1373,7 @@ def run_sweep(
     if backend not in ("local", "ray"):
         raise ConfigError(f"--backend {backend!r} is not valid; choose local or ray")
     if jobs is not None and jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}; use --jobs 1 or more")
     if isinstance(sweep, SweepSpec):
         spec, sweep_name = sweep, sweep.where
     else:

@@ -18,7 +18,6 @@ rank 0 writes.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -34,7 +33,7 @@ import torch
 
 from .config import TrainConfig
 from .data import Example
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, MetaXLError
 from .threads import THREADS_FILE_ENV, ThreadsFile
 
 STATE_DIR = "train_state"
@@ -183,6 +182,47 @@ def cycle(features: list[dict[str, Any]], batch_size: int, generator: torch.Gene
         yield from batches(features, batch_size, generator, group_by_length=group_by_length)
 
 
+class TargetCycle:
+    """:func:`cycle` that can be saved mid-pass: the current pass's batches (as indices) and the
+    position in it are its state, so a resumed run draws the same target batches as the
+    uninterrupted one whatever the number of steps per epoch.
+
+    >>> import itertools
+    >>> feats = [{"input_ids": [i]} for i in range(5)]
+    >>> a = TargetCycle(feats, 2, torch.Generator().manual_seed(0))
+    >>> first = [next(a) for _ in range(4)]
+    >>> b = TargetCycle(feats, 2, torch.Generator().manual_seed(0))
+    >>> first == [next(b) for _ in range(4)] == list(itertools.islice(cycle(feats, 2, torch.Generator().manual_seed(0)), 4))
+    True
+    >>> saved, gen_state = b.state(), b.generator.get_state()
+    >>> c = TargetCycle(feats, 2, torch.Generator().set_state(gen_state), state=saved)
+    >>> [next(b) for _ in range(3)] == [next(c) for _ in range(3)]
+    True
+    """
+
+    def __init__(self, features: list[dict[str, Any]], batch_size: int, generator: torch.Generator,
+                 group_by_length: bool = False, state: dict[str, Any] | None = None) -> None:
+        self.features, self.batch_size, self.generator = features, batch_size, generator
+        self.group_by_length = group_by_length
+        self.order: list[list[int]] = [list(b) for b in state["order"]] if state else []
+        self.pos: int = int(state["pos"]) if state else 0
+
+    def __iter__(self) -> TargetCycle:
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        if self.pos >= len(self.order):  # a new pass, drawn when needed (as cycle() draws it)
+            index = [{"i": i, "input_ids": f["input_ids"]} for i, f in enumerate(self.features)]
+            self.order = [[x["i"] for x in b] for b in batches(index, self.batch_size, self.generator,
+                                                              group_by_length=self.group_by_length)]
+            self.pos = 0
+        self.pos += 1
+        return [self.features[i] for i in self.order[self.pos - 1]]
+
+    def state(self) -> dict[str, Any]:
+        return {"order": [list(b) for b in self.order], "pos": self.pos}
+
+
 def theta_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Optimiser groups for the model: the encoder at ``lr`` (group 0, whose lr is also the
     virtual-step lr), the task head (parameters above every layer) at ``head_lr``."""
@@ -242,9 +282,10 @@ def evaluate(model: Any, task: str, examples: list[Any], features: list[dict[str
 
 # ---------------------------------------------------------------------------- results
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    """``data`` as JSON (non-finite floats as null), written to a temporary file, synced and renamed."""
+    from .guards import write_json_atomic
+
+    write_json_atomic(path, data, path.name)
 
 
 def _grad_ok(model: Any) -> None:
@@ -304,6 +345,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from . import guards
     from .checkpoint import save_checkpoint
     from .distributed import (
         all_mean,
@@ -356,13 +398,19 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
     ]:
         if not feats:
             raise DataError(f"the {name} split is empty after subsampling/filtering; check the data and sizes")
+    for name, feats in [("target train", tgt_feats), ("dev", dev_feats), ("test", test_feats)]:
+        if (note := guards.truncation_warning(data.task, feats, cfg.max_length, name)) is not None:
+            log(note)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # ---- output folder (only now: every input has been checked)
     out = Path(cfg.output_dir)
+    if resume and (done := guards.check_resume(out, cfg.to_dict(), TrainConfig().to_dict())) is not None:
+        log(f"{out} holds a finished run (best epoch {done.get('best_epoch')}); nothing to do "
+            "(use another --output-dir to train again)")
+        return done
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(out / "config.yaml")
+        _prepare_output(out, model, resume and cfg.save_state, cfg)
 
     model.to(device)
     injector = None
@@ -418,8 +466,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
     start_epoch, best_f1, elapsed_before = 1, -1.0, 0.0
     best: Snapshot | None = None  # the best dev epoch's weights; the test set is evaluated on them once, at the end
     state_dir = out / STATE_DIR
+    tgt_state: dict[str, Any] | None = None
     if resume and (state_dir / "state.pt").is_file():
-        state = torch.load(state_dir / "state.pt", map_location=device, weights_only=False)
+        state = _load_state(state_dir / "state.pt", device)
+        tgt_state = state.get("tgt_cycle")
         model.load_state_dict(state["model"])
         opt_theta.load_state_dict(state["opt_theta"])
         sched_theta.load_state_dict(state["sched_theta"])
@@ -444,7 +494,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
     if dist.is_main:
         write_json(out / "results.json", results)
 
-    tgt_iter = cycle(tgt_feats, cfg.tgt_batch_size, gen, cfg.group_by_length)
+    tgt_iter = TargetCycle(tgt_feats, cfg.tgt_batch_size, gen, cfg.group_by_length, state=tgt_state)
+    failure: MetaXLError | None = None
+    watched = list(model.parameters()) + (list(injector.parameters()) if injector is not None else [])
     t_start = time.time()
     threads_file = ThreadsFile.from_env()  # a sweep raises our threads when its other runs have ended
 
@@ -473,7 +525,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
         phi_norms: list[float] = []
         probes: list[tuple[float, float]] = []
         learner.hypergrad_stats.reset()
-        skipped = 0
+        skipped = nonfinite = 0
         if cfg.method == "target-only":
             plan: list[tuple[int | None, list[dict[str, Any]] | None]] = [
                 (None, None) for _ in range(steps_per_epoch)
@@ -484,7 +536,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
             plan = [plan[i] for i in order]
         bar = tqdm(plan, desc=f"epoch {epoch}/{total_epochs} {learner.method}",
                    disable=not cfg.progress or not dist.is_main, leave=False, dynamic_ncols=True)
-        for k, src in bar:
+        for step_no, (k, src) in enumerate(bar, 1):
             if threads_file is not None and (n := threads_file.poll()) is not None and n != torch.get_num_threads():
                 log(f"threads: {torch.get_num_threads()} -> {n} (set by the sweep through ${THREADS_FILE_ENV})")
                 torch.set_num_threads(n)
@@ -502,10 +554,18 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
                 continue
             src_b = to_dev(local(src)) if src is not None else None
             meta_b = to_dev(local(meta)) if meta is not None else None
+            undo = _undo_point(model, injector, learner) if cfg.on_nonfinite == "skip" else None
             stats = learner.step(src_b, k or 0, to_dev(local(tgt)), meta_b)
             loss = all_mean(stats.loss)  # the global-batch loss; every rank takes the same decision
-            if not math.isfinite(loss):
-                raise RuntimeError(f"training diverged at epoch {epoch}: loss {loss}; lower --lr")
+            if (problem := guards.step_problem(loss, stats.phi_grad_norm, watched, cfg.precision)) is not None:
+                message = guards.divergence_message(problem, epoch, step_no, cfg)
+                if undo is None:
+                    failure = guards.Diverged(message)
+                    break
+                undo.restore()
+                nonfinite += 1
+                log(f"warning: step skipped: {message.partition('; or pass')[0]}")
+                continue
             losses.append(loss)
             if stats.meta_loss is not None:
                 meta_losses.append(all_mean(stats.meta_loss))
@@ -515,6 +575,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
                 probes.append(stats.meta_probe)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         bar.close()
+        if failure is not None:
+            break
         dev_metrics, _ = evaluate(model, data.task, data.dev, dev_feats, data.labels, pad_id,
                                   cfg.eval_batch_size, device, autocast)
         row: dict[str, Any] = {
@@ -534,6 +596,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
                     row["rtn"]["meta_loss_after"] = round(float(np.mean([a for _, a in probes])), 6)
                     # the change itself, unrounded: one phi step moves the meta loss by ~1e-6 or less
                     row["rtn"]["meta_step_change"] = float(np.mean([a - b for b, a in probes]))
+        if cfg.on_nonfinite == "skip":
+            row["nonfinite_skips"] = nonfinite
+            results["nonfinite_skips"] = results.get("nonfinite_skips", 0) + nonfinite
         improved = dev_metrics["f1"] > best_f1
         if improved:
             best_f1 = dev_metrics["f1"]
@@ -542,13 +607,17 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
         row["seconds"] = time.time() - t0
         row["best"] = improved
         results["epochs"].append(row)
-        log(f"epoch {epoch}/{total_epochs}: loss {row['train_loss']:.4f}  dev f1 {dev_metrics['f1']:.2f}"
+        log(f"epoch {epoch}/{total_epochs}: loss {row['train_loss'] or float('nan'):.4f}  dev f1 {dev_metrics['f1']:.2f}"
             + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]" + rtn_log_line(row.get("rtn"))
             + (f"  ({skipped} tail batches smaller than {dist.world_size} skipped)" if skipped else ""))
         if dist.is_main:
             write_json(out / "results.json", results)
         if resume and cfg.save_state and epoch < total_epochs and not backoff and dist.is_main:
-            _save_state(state_dir, model, injector, learner, gen, results, best, rtn_start)
+            try:
+                _save_state(state_dir, model, injector, learner, gen, results, best, tgt_iter, rtn_start)
+            except guards.DiskError as err:
+                failure = err
+                break
 
     # the test set, once, on the best dev epoch's weights (not after every improvement: for NER, test
     # sets of ~1,300 sentences made that half of a run's time on CPU)
@@ -559,23 +628,37 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
                                    cfg.eval_batch_size, device, autocast)
         results["test"] = test_metrics
         if cfg.save_checkpoint and dist.is_main:
-            save_checkpoint(out / "checkpoint", model, tokenizer, data.task, data.labels, cfg.max_length,
-                            extra={"config": cfg.to_dict(), "epoch": results["best_epoch"], "dev": results["dev"],
-                                   "test": test_metrics})
-            results["checkpoint"] = "checkpoint"
-            if best.rtn is not None:
-                from safetensors.torch import save_file
+            try:
+                save_checkpoint(out / "checkpoint", model, tokenizer, data.task, data.labels, cfg.max_length,
+                                extra={"config": cfg.to_dict(), "epoch": results["best_epoch"],
+                                       "dev": results["dev"], "test": test_metrics})
+                results["checkpoint"] = "checkpoint"
+                if best.rtn is not None:
+                    from safetensors.torch import save
 
-                save_file({k: v.contiguous() for k, v in best.rtn.items()}, str(out / "rtn.safetensors"))
+                    guards.write_bytes_atomic(out / "rtn.safetensors", save(
+                        {k: v.contiguous() for k, v in best.rtn.items()}), "rtn.safetensors")
+            except guards.DiskError as err:
+                failure = failure or err
         log(f"test f1 {test_metrics['f1']:.2f} (best dev epoch {results['best_epoch']})  [{time.time() - t0:.0f}s]")
 
-    results["status"] = "finished"
+    results["status"] = "finished" if failure is None else "failed"
+    if failure is not None:
+        results["error"] = str(failure)
     results["wall_seconds"] = elapsed_before + time.time() - t_start
     results = broadcast_object(results)  # rank 0's results (its evaluation) on every rank
     if dist.is_main:
-        write_json(out / "results.json", results)
-        if state_dir.exists():
+        try:
+            write_json(out / "results.json", results)
+        except guards.DiskError:
+            if failure is None:
+                raise
+        if state_dir.exists() and failure is None:
             shutil.rmtree(state_dir)
+    if failure is not None:
+        if injector is not None:
+            injector.remove()
+        raise failure
     if injector is not None:
         injector.remove()
     return results
@@ -639,9 +722,14 @@ def rtn_log_line(rtn: dict[str, Any] | None) -> str:
 
 
 def _save_state(state_dir: Path, model: Any, injector: Any, learner: Any, gen: torch.Generator,
-                results: dict[str, Any], best: Snapshot | None = None,
+                results: dict[str, Any], best: Snapshot | None = None, tgt: TargetCycle | None = None,
                 rtn_start: dict[str, torch.Tensor] | None = None) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    from .guards import os_error
+
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise os_error(err, state_dir, "the training state") from None
     state = {
         "model": model.state_dict(), "opt_theta": learner.opt_theta.state_dict(),
         "sched_theta": learner.sched_theta.state_dict(),
@@ -649,9 +737,53 @@ def _save_state(state_dir: Path, model: Any, injector: Any, learner: Any, gen: t
         "opt_phi": learner.opt_phi.state_dict() if learner.opt_phi is not None else None,
         "sched_phi": learner.sched_phi.state_dict() if learner.sched_phi is not None else None,
         "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-        "results": results, "best": best, "rtn_start": rtn_start or None,
-        "steps_taken": learner.steps_taken,
+        "results": results, "best": best, "tgt_cycle": tgt.state() if tgt is not None else None,
+        "rtn_start": rtn_start or None, "steps_taken": learner.steps_taken,
     }
     tmp = state_dir / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, state_dir / "state.pt")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, state_dir / "state.pt")  # the previous state stays whole until this rename
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise os_error(err, state_dir / "state.pt", "the training state") from None
+
+
+def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """The saved training state, or a one-line error saying how to start over."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)  # type: ignore[no-any-return]
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: tell the user what to do
+        raise ConfigError(f"{path}: the saved training state cannot be read ({type(err).__name__}); delete "
+                          f"{path.parent} to start this run over") from None
+
+
+def _prepare_output(out: Path, model: Any, save_state: bool, cfg: TrainConfig) -> None:
+    """Check the output folder and its free space, then create it and write config.yaml."""
+    import yaml
+
+    from .guards import check_output_dir, ensure_space, model_bytes, os_error, recover_dir, write_bytes_atomic
+
+    check_output_dir(out)
+    size = model_bytes(model)
+    # the checkpoint, and with --resume the state (weights + AdamW's two moments + the best snapshot)
+    need = (size if cfg.save_checkpoint else 0) + (4 * size if save_state else 0)
+    ensure_space(next(p for p in [out, *out.parents] if p.exists()), need, "the checkpoint and training state")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        write_bytes_atomic(out / "config.yaml", text.encode("utf-8"), "config.yaml")
+    except OSError as err:
+        raise os_error(err, out, "the output folder") from None
+    recover_dir(out / "checkpoint")  # a checkpoint swap cut short by a kill: the old one back
+
+
+def _undo_point(model: Any, injector: Any, learner: Any) -> Any:
+    """What ``--on-nonfinite skip`` restores when a step gives non-finite values."""
+    from .guards import StepUndo
+
+    return StepUndo.take([model, injector], [learner.opt_theta, learner.sched_theta, learner.opt_phi,
+                                             learner.sched_phi, learner.scaler])
