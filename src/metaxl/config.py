@@ -5,11 +5,15 @@ of the YAML config file. Precedence: defaults < YAML file < command-line flags.
 
 >>> from metaxl.config import TrainConfig
 >>> cfg = TrainConfig(target="masakhaner2:luo", source="masakhaner2:en", method="metaxl")
+>>> cfg.source                # one name is a one-element list
+['masakhaner2:en']
 >>> cfg.rtn_layers            # -1 = after the last layer (the paper's "layer 12" for 12-layer models)
 [-1]
 >>> cfg.validate()            # raises ConfigError on a bad value
 >>> TrainConfig.from_dict({"target": "nusax:balinese", "method": "jt", "epochs": 3}).epochs
 3
+>>> TrainConfig(output_dir=None).output_dir is None   # an in-memory run: nothing is written
+True
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ RTN_VARIANTS = ("plain", "gated")
 TASKS = ("auto", "ner", "sa")
 SA_LABELS = ("binary", "3way", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
+CHOICES = {"task": TASKS, "sa_labels": SA_LABELS, "method": METHODS, "rtn_variant": RTN_VARIANTS,
+           "hypergrad": HYPERGRADS, "meta_batch": META_BATCH, "precision": PRECISIONS}
+"""The enumerated fields and their values (``metaxl train --help`` lists them; argparse checks them)."""
 
 
 @dataclass
@@ -112,7 +119,8 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     eval_batch_size: int = 64
-    output_dir: str = "runs/metaxl"
+    output_dir: str | None = "runs/metaxl"
+    """Output folder (results.json, checkpoint/); None: an in-memory run that writes nothing."""
     save_checkpoint: bool = True
     save_state: bool = True
     """With --resume (as sweeps run): save the training state after each epoch. Turn off where an
@@ -121,6 +129,15 @@ class TrainConfig:
     progress: bool = True
 
     # ------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # TrainConfig(source="data/sa-src") means one source, not one per letter
+        if isinstance(self.source, str):
+            self.source = [self.source]
+        elif self.source is None:
+            self.source = []
+        if isinstance(self.rtn_layers, int):
+            self.rtn_layers = [self.rtn_layers]
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

@@ -253,8 +253,14 @@ def _grad_ok(model: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared: PreparedData | None = None,
+          model: Any = None, tokenizer: Any = None, artifacts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``cfg.method`` and return the results dict also written to ``results.json``.
+
+    Hooks of the Python API (:func:`metaxl.api.train`): ``prepared`` replaces reading the data sets
+    named in ``cfg``, ``model``/``tokenizer`` replace loading ``cfg.model`` (a model with its task head
+    for ``prepared.labels``), and ``artifacts`` (a dict) receives the trained ``model``, ``tokenizer``,
+    ``rtn`` (the RTN injector, or None) and ``data``. ``cfg.output_dir=None`` writes nothing.
 
     With ``resume=True`` the training state is saved after every epoch (``train_state/``, deleted
     at the end) and an interrupted run in the same output folder continues where it stopped.
@@ -291,10 +297,14 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             raise ConfigError(f"{dist.world_size} processes need --batch-size >= {dist.world_size} and a target "
                               f"batch >= {need} (the global batch is split across processes)")
     autocast = autocast_factory(device, cfg.precision)
-    data = prepare_data(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    if resume and cfg.output_dir is None:
+        raise ConfigError("resume needs an output_dir (the training state is saved there)")
+    data = prepared if prepared is not None else prepare_data(cfg)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
     set_seed(cfg.seed)
-    model = load_model(cfg.model, data.task, data.labels)
+    if model is None:
+        model = load_model(cfg.model, data.task, data.labels)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if isinstance(max_pos, int):
         limit = max_pos - (2 if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0)
@@ -320,8 +330,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # ---- output folder (only now: every input has been checked)
-    out = Path(cfg.output_dir)
-    if dist.is_main:
+    writes = dist.is_main and cfg.output_dir is not None  # output_dir=None: an in-memory run, nothing written
+    out = Path(cfg.output_dir or ".")
+    if writes:
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(out / "config.yaml")
 
@@ -390,7 +401,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         best_f1 = max([e["dev"]["f1"] for e in results["epochs"]], default=-1.0)
         elapsed_before = sum(e["seconds"] for e in results["epochs"])
         log(f"resuming {out} from epoch {start_epoch}")
-    if dist.is_main:
+    if writes:
         write_json(out / "results.json", results)
 
     tgt_iter = cycle(tgt_feats, cfg.tgt_batch_size, gen, cfg.group_by_length)
@@ -481,9 +492,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         log(f"epoch {epoch}/{total_epochs}: loss {row['train_loss']:.4f}  dev f1 {dev_metrics['f1']:.2f}"
             + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]"
             + (f"  ({skipped} tail batches smaller than {dist.world_size} skipped)" if skipped else ""))
-        if dist.is_main:
+        if writes:
             write_json(out / "results.json", results)
-        if resume and cfg.save_state and epoch < total_epochs and not backoff and dist.is_main:
+        if resume and cfg.save_state and epoch < total_epochs and not backoff and writes:
             _save_state(state_dir, model, injector, learner, gen, results, best)
 
     # the test set, once, on the best dev epoch's weights (not after every improvement: for NER, test
@@ -494,7 +505,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         test_metrics, _ = evaluate(model, data.task, data.test, test_feats, data.labels, pad_id,
                                    cfg.eval_batch_size, device, autocast)
         results["test"] = test_metrics
-        if cfg.save_checkpoint and dist.is_main:
+        if cfg.save_checkpoint and writes:
             save_checkpoint(out / "checkpoint", model, tokenizer, data.task, data.labels, cfg.max_length,
                             extra={"config": cfg.to_dict(), "epoch": results["best_epoch"], "dev": results["dev"],
                                    "test": test_metrics})
@@ -508,12 +519,14 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     results["status"] = "finished"
     results["wall_seconds"] = elapsed_before + time.time() - t_start
     results = broadcast_object(results)  # rank 0's results (its evaluation) on every rank
-    if dist.is_main:
+    if writes:
         write_json(out / "results.json", results)
         if state_dir.exists():
             shutil.rmtree(state_dir)
     if injector is not None:
         injector.remove()
+    if artifacts is not None:
+        artifacts.update(model=model, tokenizer=tokenizer, rtn=injector, data=data)
     return results
 
 
