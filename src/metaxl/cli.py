@@ -15,14 +15,43 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import TrainConfig, parse_list
+from .config import CHOICES, TrainConfig, parse_list
 from .errors import ConfigError, MetaXLError
 
 _TYPES = {"str": str, "int": int, "float": float}
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def device_arg(text: str) -> str:
+    """argparse type of ``--device``: auto, cpu, cuda, cuda:N, mps (xpu, xpu:N).
+
+    >>> device_arg("cuda:1")
+    'cuda:1'
+    >>> device_arg("gpu")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: invalid device 'gpu': choose auto, cpu, cuda, cuda:N (cuda:1) or mps
+    """
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}: choose auto, cpu, cuda, cuda:N (cuda:1) or mps")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reads ``-1e-4`` and ``-.5`` as values, not flags (``--lr -1e-4`` then
+    reaches validation, which names the problem, instead of "expected one argument").
+
+    >>> p = Parser(); _ = p.add_argument("--lr", type=float); p.parse_args(["--lr", "-1e-4"]).lr
+    -0.0001
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _flag_type(type_name: str) -> tuple[Any, dict[str, Any]]:
@@ -71,6 +100,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text, **extra}
         if conv is not None:
             kwargs["type"] = conv
+        if f.name in CHOICES:
+            kwargs["choices"] = CHOICES[f.name]
+        if f.name == "device":
+            kwargs.update(type=device_arg, metavar="{auto,cpu,cuda,cuda:N,mps}")
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
@@ -181,7 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="metaxl", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = Parser(prog="metaxl", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"metaxl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -204,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="data set name (masakhaner2:luo, nusax:balinese) or folder")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--data-dir")
-    p.add_argument("--sa-labels", choices=["binary", "3way", "all"], help="default: as in training")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--sa-labels", choices=CHOICES["sa_labels"], help="default: as in training")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print all metrics as JSON")
     p.add_argument("--output", help="also write the metrics to this JSON file")
@@ -215,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--input", "-i", help="text file (default: stdin)")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_predict)
 
