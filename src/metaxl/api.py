@@ -29,6 +29,7 @@ from typing import Any
 from .config import TrainConfig
 from .data import NERExample, SAExample
 from .errors import ConfigError, DataError, ModelError
+from .reporting import default_handler, info
 
 logger = logging.getLogger("metaxl")
 
@@ -167,15 +168,13 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, model: Any = No
         prepared = data
         model = _task_model(model, data.task, data.labels, cfg.seed)
     artifacts: dict[str, Any] = {}
-    results = run_training(cfg, resume=resume, log=log or _log_info, prepared=prepared, model=model,
+    if log is None:
+        default_handler()
+    results = run_training(cfg, resume=resume, log=log or info, prepared=prepared, model=model,
                            tokenizer=tokenizer, artifacts=artifacts)
     return TrainResult(model=artifacts["model"], tokenizer=artifacts["tokenizer"], rtn=artifacts["rtn"],
                        results=results, config=cfg,
                        output_dir=Path(cfg.output_dir) if cfg.output_dir is not None else None)
-
-
-def _log_info(*parts: Any, **_: Any) -> None:
-    logger.info(" ".join(str(p) for p in parts))
 
 
 def _config(config: TrainConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> TrainConfig:

@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import CHOICES, TrainConfig, parse_list
 from .errors import ConfigError, MetaXLError
+from .reporting import REPORT_TO
 
 _TYPES = {"str": str, "int": int, "float": float}
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
@@ -39,6 +40,14 @@ def device_arg(text: str) -> str:
     if not DEVICE_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"invalid device {text!r}: choose auto, cpu, cuda, cuda:N (cuda:1) or mps")
     return text
+
+
+def _report_to_arg(text: str) -> list[str]:
+    values = [] if text.lower() == "none" else parse_list(text)
+    bad = [v for v in values if v not in REPORT_TO]
+    if bad:
+        raise argparse.ArgumentTypeError(f"invalid choice: {bad[0]!r} (choose from {', '.join(REPORT_TO)}, none)")
+    return values
 
 
 class Parser(argparse.ArgumentParser):
@@ -102,6 +111,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = conv
         if f.name in CHOICES:
             kwargs["choices"] = CHOICES[f.name]
+        if f.name == "report_to":
+            kwargs.update(type=_report_to_arg, metavar="{" + ",".join(REPORT_TO) + "}")
         if f.name == "device":
             kwargs.update(type=device_arg, metavar="{auto,cpu,cuda,cuda:N,mps}")
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
@@ -120,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import reporting
     from .distributed import cleanup, is_main
     from .train import train
 
@@ -129,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     try:
-        results = train(cfg, resume=args.resume)
+        results = train(cfg, resume=args.resume, log=reporting.info)
     finally:
         cleanup()  # destroys the process group of a torchrun/accelerate launch (no-op otherwise)
     if not is_main():
@@ -217,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="metaxl", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"metaxl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging (logger 'metaxl')")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train target-only, JT, JT+RTN or MetaXL",
@@ -266,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .reporting import configure_logging
+
+    configure_logging(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)
     except MetaXLError as err:

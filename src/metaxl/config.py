@@ -127,6 +127,8 @@ class TrainConfig:
     epoch is faster than writing the model and optimiser (small models on a GPU); a killed run then
     starts again from epoch 1."""
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers: tensorboard (event files in output_dir; pip install metaxl[tensorboard])."""
 
     # ------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -135,6 +137,10 @@ class TrainConfig:
             self.source = [self.source]
         elif self.source is None:
             self.source = []
+        if isinstance(self.report_to, str):
+            self.report_to = parse_list(self.report_to)
+        elif self.report_to is None:
+            self.report_to = []
         if isinstance(self.rtn_layers, int):
             self.rtn_layers = [self.rtn_layers]
 
@@ -150,10 +156,11 @@ class TrainConfig:
                 f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.field_names())}"
             )
         data = dict(data)
-        if isinstance(data.get("source"), str):
-            data["source"] = parse_list(data["source"])
-        if "source" in data and data["source"] is None:
-            data["source"] = []
+        for key in ("source", "report_to"):
+            if isinstance(data.get(key), str):
+                data[key] = parse_list(data[key])
+            if key in data and data[key] is None:
+                data[key] = []
         if isinstance(data.get("rtn_layers"), (str, int)):
             data["rtn_layers"] = [int(x) for x in parse_list(str(data["rtn_layers"]))]
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
@@ -225,6 +232,9 @@ class TrainConfig:
                               f"leave inner_lr unset (got inner_lr={self.inner_lr})")
         if self.fd_epsilon <= 0:
             raise ConfigError(f"fd_epsilon must be > 0, got {self.fd_epsilon}")
+        from .reporting import check_report_to
+
+        check_report_to(self.report_to)
 
     @property
     def tgt_batch_size(self) -> int:

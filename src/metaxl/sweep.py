@@ -91,7 +91,7 @@ STANDARD_AXES = ("target", "source", "method", "source_size", "rtn_layers")
 TOP_LEVEL_KEYS = ("name", "base", "grid", "exclude", "runs_dir", "ray")
 
 # Keys that never change what a run computes (excluded from dedup / config comparison).
-NON_SEMANTIC_KEYS = ("output_dir", "progress", "save_state")
+NON_SEMANTIC_KEYS = ("output_dir", "progress", "save_state", "report_to")
 # Keys that only matter for some methods; others get TrainConfig's defaults (see effective_config).
 SOURCE_KEYS = ("source", "source_size")
 RTN_KEYS = ("rtn_layers", "rtn_variant", "rtn_hidden", "rtn_per_source", "meta_lr")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -38,6 +39,7 @@ from .errors import ConfigError, DataError
 from .threads import THREADS_FILE_ENV, ThreadsFile
 
 STATE_DIR = "train_state"
+logger = logging.getLogger("metaxl")
 
 
 # ---------------------------------------------------------------------------- setup helpers
@@ -283,6 +285,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
     )
     from .meta import Learner, enable_gradient_checkpointing
     from .models import load_model, load_tokenizer
+    from .reporting import make_reporter
     from .rtn import RTNInjector, encoder_parts, resolve_layers
     from .tasks import collate, encode
 
@@ -355,6 +358,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         (sum(len(f) for f in src_feats) if cfg.method != "target-only" else len(tgt_feats)) / cfg.batch_size
     )
     main_steps = steps_per_epoch * cfg.epochs
+    logger.debug("%s, %s on %s: %d target / %s source / %d dev / %d test examples, %d steps per epoch, %d labels",
+                 cfg.method, data.task, device, len(tgt_feats), [len(f) for f in src_feats], len(dev_feats),
+                 len(test_feats), steps_per_epoch, len(data.labels))
     total_epochs = cfg.epochs + cfg.backoff_epochs
     opt_theta = torch.optim.AdamW(theta_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched_theta = get_linear_schedule_with_warmup(opt_theta, int(cfg.warmup * main_steps), main_steps)
@@ -403,6 +409,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         log(f"resuming {out} from epoch {start_epoch}")
     if writes:
         write_json(out / "results.json", results)
+    reporter = make_reporter(cfg.report_to, out, cfg.output_dir is not None,
+                             sum(e["steps"] for e in results["epochs"])) if dist.is_main else None
 
     tgt_iter = cycle(tgt_feats, cfg.tgt_batch_size, gen, cfg.group_by_length)
     t_start = time.time()
@@ -465,6 +473,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
             if not math.isfinite(loss):
                 raise RuntimeError(f"training diverged at epoch {epoch}: loss {loss}; lower --lr")
             losses.append(loss)
+            if reporter is not None:
+                reporter.log_step(loss, stats, learner)
             if stats.meta_loss is not None:
                 meta_losses.append(all_mean(stats.meta_loss))
             if stats.phi_grad_norm is not None and math.isfinite(stats.phi_grad_norm):
@@ -489,6 +499,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         row["seconds"] = time.time() - t0
         row["best"] = improved
         results["epochs"].append(row)
+        if reporter is not None:
+            reporter.log_epoch(row)
         log(f"epoch {epoch}/{total_epochs}: loss {row['train_loss']:.4f}  dev f1 {dev_metrics['f1']:.2f}"
             + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]"
             + (f"  ({skipped} tail batches smaller than {dist.world_size} skipped)" if skipped else ""))
@@ -505,6 +517,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         test_metrics, _ = evaluate(model, data.task, data.test, test_feats, data.labels, pad_id,
                                    cfg.eval_batch_size, device, autocast)
         results["test"] = test_metrics
+        if reporter is not None:
+            reporter.log_test(test_metrics, results["best_epoch"])
         if cfg.save_checkpoint and writes:
             save_checkpoint(out / "checkpoint", model, tokenizer, data.task, data.labels, cfg.max_length,
                             extra={"config": cfg.to_dict(), "epoch": results["best_epoch"], "dev": results["dev"],
@@ -525,6 +539,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
             shutil.rmtree(state_dir)
     if injector is not None:
         injector.remove()
+    if reporter is not None:
+        reporter.close()
     if artifacts is not None:
         artifacts.update(model=model, tokenizer=tokenizer, rtn=injector, data=data)
     return results
