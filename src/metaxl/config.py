@@ -66,6 +66,9 @@ class TrainConfig:
     """default (offline multilingual-e5-small), a local checkpoint folder, or a hub name."""
     freeze_embeddings: bool = False
     """Freeze the word-embedding matrix (250k x d for XLM-R vocabularies): about 2x faster steps."""
+    extend_vocab: int = 0
+    """Paper, Appendix C: train a subword tokenizer of this many pieces on the target's training text
+    and add the pieces the model's vocabulary lacks (new rows: the mean of the old pieces); 0: off."""
     # --- method ---
     method: str = "metaxl"
     rtn_layers: list[int] = field(default_factory=lambda: [-1])
@@ -219,6 +222,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0 and meta_lr >= 0, got lr={self.lr} meta_lr={self.meta_lr}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a fraction of the training steps in [0, 1), got {self.warmup}")
+        if self.extend_vocab < 0:
+            raise ConfigError(f"extend_vocab is a number of subword pieces (0: off), got {self.extend_vocab}")
         if self.backoff_epochs < 0:
             raise ConfigError(f"backoff_epochs must be >= 0, got {self.backoff_epochs}")
         if self.backoff_epochs and self.method != "metaxl":

@@ -314,6 +314,14 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         if cfg.max_length > limit:
             raise ConfigError(f"--max-length {cfg.max_length} is longer than model {cfg.model!r} supports "
                               f"({limit} positions); use --max-length {limit} or less")
+    extension = None
+    if cfg.extend_vocab:  # paper Appendix C (metaxl.vocab); a resumed run reuses its saved extension
+        from .vocab import VOCAB_DIR, extend_vocabulary
+
+        saved = Path(cfg.output_dir) / VOCAB_DIR if resume and cfg.output_dir is not None else None
+        extension = extend_vocabulary(model, tokenizer, data.target_train, cfg.extend_vocab, saved, broadcast_object)
+        tokenizer = extension.tokenizer
+        log(f"vocabulary: {len(extension.added)} target pieces added ({len(tokenizer)} in all)")
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     _grad_ok(model)
@@ -338,6 +346,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
     if writes:
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(out / "config.yaml")
+        if extension is not None and resume:
+            extension.tokenizer.save_pretrained(out / VOCAB_DIR)
 
     model.to(device)
     injector = None
@@ -384,6 +394,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         "device": str(device), "torch": torch.__version__, "world_size": dist.world_size,
         "code": code_version(),
     }
+    if extension is not None:
+        results["vocab_added"] = len(extension.added)
     start_epoch, best_f1, elapsed_before = 1, -1.0, 0.0
     best: Snapshot | None = None  # the best dev epoch's weights; the test set is evaluated on them once, at the end
     state_dir = out / STATE_DIR
@@ -522,7 +534,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         if cfg.save_checkpoint and writes:
             save_checkpoint(out / "checkpoint", model, tokenizer, data.task, data.labels, cfg.max_length,
                             extra={"config": cfg.to_dict(), "epoch": results["best_epoch"], "dev": results["dev"],
-                                   "test": test_metrics})
+                                   "test": test_metrics, "sizes": results["sizes"],
+                                   "vocab_added": results.get("vocab_added")})
             results["checkpoint"] = "checkpoint"
             if best.rtn is not None:
                 from safetensors.torch import save_file
@@ -537,6 +550,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         write_json(out / "results.json", results)
         if state_dir.exists():
             shutil.rmtree(state_dir)
+        if extension is not None:  # kept for a resumed run only; the checkpoint holds the tokenizer
+            shutil.rmtree(out / "extended_tokenizer", ignore_errors=True)
     if injector is not None:
         injector.remove()
     if reporter is not None:
