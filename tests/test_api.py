@@ -69,6 +69,13 @@ def test_examples_and_a_model_object_can_be_passed(toy_data, tiny_model, tmp_pat
     assert res.results["target"] == "in-memory" and res.results["source"] == ["in-memory:0"]
     assert res.results["sizes"]["target_train"] == 16 and res.results["sizes"]["source_train"] == [24]
     assert res.checkpoint is not None and (res.checkpoint / "model.safetensors").is_file()
+    # the checkpoint explains itself: a model card with method, languages, sizes, metrics and config
+    card = (res.checkpoint / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "| method | jt |" in card
+    assert "| target language | in-memory: 16 training examples, dev 12, test 12 |" in card
+    assert "| source language(s) | in-memory:0: 24 training examples |" in card
+    assert f"| test f1 | {res.test['f1']:.2f}" in card and f"| best dev epoch | {res.best_epoch} of 2 |" in card
+    assert "```yaml\ntarget: in-memory\n" in card and "extend_vocab: 0" in card
     out = predict(res, ["good food, love it", "bad and sad"])
     assert {o["label"] for o in out} <= {"positive", "negative"}
     assert evaluate(res, sa.load("test"))["f1"] == pytest.approx(res.test["f1"])

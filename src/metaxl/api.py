@@ -101,13 +101,14 @@ class TrainResult:
         """Write a checkpoint folder (model, tokenizer, ``metaxl.json``) to ``path``."""
         from .checkpoint import save_checkpoint
 
-        extra = {"config": self.config.to_dict(), "epoch": self.best_epoch, "dev": self.dev, "test": self.test}
+        extra = {"config": self.config.to_dict(), "epoch": self.best_epoch, "dev": self.dev, "test": self.test,
+                 "sizes": self.results.get("sizes"), "vocab_added": self.results.get("vocab_added")}
         return save_checkpoint(path, self.model, self.tokenizer, self.task, self.labels, self.max_length, extra=extra)
 
     def __repr__(self) -> str:
         test = self.test or {}
         return (f"TrainResult(method={self.config.method!r}, task={self.task!r}, best_epoch={self.best_epoch}, "
-                f"test_{test.get('headline', 'f1')}={test.get('f1', float('nan')):.2f}, "
+                f"test_f1={test.get('f1', float('nan')):.2f}, "
                 f"output_dir={str(self.output_dir) if self.output_dir else None!r})")
 
 
