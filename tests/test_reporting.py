@@ -38,6 +38,8 @@ def test_logging_levels_on_the_command_line(toy_data, tiny_model, tmp_path, caps
     assert main(["-q", *_args(toy_data, tiny_model, tmp_path / "c", "--epochs", "1")]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/1" not in out and "best epoch 1" in out  # the result lines remain
+    assert main(["-q", *_args(toy_data, tiny_model, tmp_path / "d", "--epochs", "1", "--output-dir", "none")]) == 0
+    assert "nothing was written" in capsys.readouterr().out and not (tmp_path / "d").exists()
 
 
 def test_report_to_is_checked():

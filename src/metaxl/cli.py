@@ -149,6 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = results["test"] or {}
     print(f"best epoch {results['best_epoch']}: dev {results['dev']['f1']:.2f}  test {test.get('f1', float('nan')):.2f}"
           f"  ({test.get('headline', 'f1')})")
+    if cfg.output_dir is None:
+        print("no output folder (--output-dir none): nothing was written")
+        return 0
     print(f"results: {cfg.output_dir}/results.json")
     if results.get("checkpoint"):
         print(f"checkpoint: {cfg.output_dir}/{results['checkpoint']}")
