@@ -140,8 +140,11 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, model: Any = No
     cfg = _config(config, overrides)
     from_memory = {k: v for k, v in (("target", target), ("source", source)) if not _is_names(v)}
     names = {k: v for k, v in (("target", target), ("source", source)) if v is not None and _is_names(v)}
-    if names:
-        cfg = cfg.replace(**{k: [v] if k == "source" and isinstance(v, str) else v for k, v in names.items()})
+    if "target" in names:
+        cfg = cfg.replace(target=str(names["target"]))
+    if "source" in names:
+        given = names["source"]
+        cfg = cfg.replace(source=[str(given)] if isinstance(given, (str, os.PathLike)) else [str(v) for v in given])
     if isinstance(model, (str, os.PathLike)):
         cfg = cfg.replace(model=str(model))
         model = None
@@ -194,7 +197,7 @@ def _is_names(value: Any) -> bool:
     """None, a name, or a list of names (not examples)."""
     if value is None or isinstance(value, (str, os.PathLike)):
         return True
-    return isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value) and bool(value)
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)
 
 
 def _source_lists(source: Any) -> list[list[Any]]:
