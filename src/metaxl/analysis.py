@@ -765,7 +765,8 @@ def register_cli(subparsers: Any) -> None:
     )
     p.add_argument("--source", required=True, help="source data set (name, folder or file)")
     p.add_argument("--target", required=True, help="target data set (name, folder or file)")
-    p.add_argument("--split", default="test", help="split to encode: train, dev or test (default: test)")
+    p.add_argument("--split", default="test", choices=("train", "dev", "test"),
+                   help="split to encode (default: test)")
     p.add_argument(
         "--layer", type=int, default=None, help="hidden layer: 0 = embeddings, N = last (default), -1 = last"
     )
@@ -777,7 +778,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument(
         "--names", default=None, help="panel names, one per checkpoint, comma-separated: JT,MetaXL"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    from .cli import device_arg
+
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--max-vectors",

@@ -1,8 +1,10 @@
 """Save and load trained metaxl models.
 
 A checkpoint is a standard Hugging Face folder (``model.safetensors``, ``config.json``, tokenizer
-files) plus ``metaxl.json`` (task, labels, max_length and the training config). transformers alone
-can load it (``AutoModelForTokenClassification.from_pretrained(path)``); the RTN is not in it.
+files) plus ``metaxl.json`` (task, labels, max_length and the training config) and a model card,
+``README.md`` (method, languages, data sizes, metrics, config: :func:`model_card`), so that a
+shared checkpoint explains itself. transformers alone can load it
+(``AutoModelForTokenClassification.from_pretrained(path)``); the RTN is not in it.
 
 >>> loaded = load_checkpoint("runs/demo/metaxl/checkpoint")  # doctest: +SKIP
 >>> loaded.task, loaded.labels[:3]                           # doctest: +SKIP
@@ -19,6 +21,7 @@ from typing import Any
 from .errors import ModelError
 
 META_FILE = "metaxl.json"
+CARD_FILE = "README.md"
 
 
 @dataclass
@@ -46,6 +49,7 @@ def save_checkpoint(path: str | Path, model: Any, tokenizer: Any, task: str, lab
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(json_safe(meta), indent=2, allow_nan=False))
+        (tmp / CARD_FILE).write_text(model_card(meta), encoding="utf-8")
 
     save_dir_atomic(path, write, "the checkpoint")
     return path
@@ -92,3 +96,113 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Loaded:
     model.to(device).eval()
     return Loaded(model=model, tokenizer=tokenizer, task=task, labels=labels,
                   max_length=int(meta.get("max_length", 128)), meta=meta)
+
+
+_METHOD_TEXT = {
+    "target-only": "fine-tuned on the target language's training data only",
+    "jt": "joint training (JT): fine-tuned on the source and target training data together",
+    "jt-rtn": "joint training with a representation transformation network (RTN) trained jointly",
+    "metaxl": "MetaXL: joint training with an RTN that transforms source representations, trained by "
+              "meta-learning to help the target language",
+}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else "-" if value is None else str(value)
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """The ``README.md`` of a checkpoint folder, from its ``metaxl.json`` contents.
+
+    >>> card = model_card({"task": "ner", "labels": ["O", "B-PER", "I-PER"], "max_length": 128,
+    ...                    "config": {"method": "metaxl", "target": "masakhaner2:luo", "source": ["masakhaner2:en"],
+    ...                               "model": "default", "rtn_layers": [-1], "epochs": 5},
+    ...                    "epoch": 4, "dev": {"f1": 21.44}, "test": {"f1": 16.77, "headline": "span micro-F1"},
+    ...                    "sizes": {"target_train": 100, "source_train": [150], "dev": 200, "test": 500}})
+    >>> print(card.split("## Use")[0])  # doctest: +NORMALIZE_WHITESPACE
+    ---
+    library_name: transformers
+    pipeline_tag: token-classification
+    tags: [metaxl, cross-lingual, low-resource, ner]
+    ---
+    # metaxl: metaxl on masakhaner2:luo (ner)
+    <BLANKLINE>
+    MetaXL: joint training with an RTN that transforms source representations, trained by meta-learning to help the target language. Trained with metaxl (MetaXL, Xia et al., NAACL 2021).
+    <BLANKLINE>
+    | | |
+    |---|---|
+    | method | metaxl (RTN after layer(s) -1, not part of this model) |
+    | task | ner, 3 labels: O, B-PER, I-PER |
+    | target language | masakhaner2:luo: 100 training examples, dev 200, test 500 |
+    | source language(s) | masakhaner2:en: 150 training examples |
+    | base model | default |
+    | best dev epoch | 4 of 5 |
+    | dev f1 | 21.44 |
+    | test f1 | 16.77 (span micro-F1) |
+    <BLANKLINE>
+    <BLANKLINE>
+    """
+    import yaml
+
+    cfg = dict(meta.get("config") or {})
+    task, labels = meta.get("task", "?"), list(meta.get("labels", []))
+    method = cfg.get("method", "?")
+    sizes = meta.get("sizes") or {}
+    sources = list(cfg.get("source") or []) if method != "target-only" else []
+    src_sizes = sizes.get("source_train") or []
+    test, dev = meta.get("test") or {}, meta.get("dev") or {}
+    pipeline = "token-classification" if task == "ner" else "text-classification"
+    target = cfg.get("target", "?")
+    target_row = f"{target}: {_fmt(sizes.get('target_train'))} training examples, dev {_fmt(sizes.get('dev'))}, " \
+                 f"test {_fmt(sizes.get('test'))}" if sizes else str(target)
+    rows = [("method", method + (f" (RTN after layer(s) {', '.join(map(str, cfg.get('rtn_layers', [])))}, "
+                                 "not part of this model)" if method in ("jt-rtn", "metaxl") else "")),
+            ("task", f"{task}, {len(labels)} labels: {', '.join(labels)}"),
+            ("target language", target_row)]
+    if sources:
+        rows.append(("source language(s)", "; ".join(
+            f"{s}: {_fmt(src_sizes[i]) if i < len(src_sizes) else '?'} training examples" for i, s in enumerate(sources))))
+    rows.append(("base model", str(cfg.get("model", "?"))))
+    if meta.get("vocab_added"):
+        rows.append(("vocabulary", f"{meta['vocab_added']} target subword pieces added (paper Appendix C)"))
+    rows.append(("best dev epoch", f"{_fmt(meta.get('epoch'))} of {_fmt(cfg.get('epochs'))}"))
+    rows.append(("dev f1", _fmt(dev.get("f1"))))
+    rows.append(("test f1", _fmt(test.get("f1")) + (f" ({test['headline']})" if test.get("headline") else "")))
+    for key in ("accuracy", "macro_f1"):
+        if key in test:
+            rows.append((f"test {key}", _fmt(test[key])))
+    table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    auto = "AutoModelForTokenClassification" if task == "ner" else "AutoModelForSequenceClassification"
+    return f"""---
+library_name: transformers
+pipeline_tag: {pipeline}
+tags: [metaxl, cross-lingual, low-resource, {task}]
+---
+# metaxl: {method} on {target} ({task})
+
+{_METHOD_TEXT.get(method, method)}. Trained with metaxl (MetaXL, Xia et al., NAACL 2021).
+
+{table}
+
+## Use
+
+```bash
+echo "one sentence per line" | metaxl predict PATH/TO/THIS/FOLDER
+metaxl evaluate PATH/TO/THIS/FOLDER {target} --split test
+```
+
+```python
+from metaxl import predict
+predict("PATH/TO/THIS/FOLDER", "one sentence")
+# or with transformers alone: {auto}.from_pretrained("PATH/TO/THIS/FOLDER")
+```
+
+The metrics are percentages on the target's dev and test splits (the test split evaluated once, on
+the best dev epoch's weights). `metaxl.json` holds the label map and the full training record.
+
+## Training configuration
+
+```yaml
+{yaml.safe_dump(cfg, sort_keys=False).rstrip()}
+```
+"""

@@ -16,14 +16,52 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import TrainConfig, parse_list
+from .config import CHOICES, TrainConfig, parse_list
 from .errors import ConfigError, MetaXLError
+from .reporting import REPORT_TO
 
 _TYPES = {"str": str, "int": int, "float": float}
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def device_arg(text: str) -> str:
+    """argparse type of ``--device``: auto, cpu, cuda, cuda:N, mps (xpu, xpu:N).
+
+    >>> device_arg("cuda:1")
+    'cuda:1'
+    >>> device_arg("gpu")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: invalid device 'gpu': choose auto, cpu, cuda, cuda:N (cuda:1) or mps
+    """
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}: choose auto, cpu, cuda, cuda:N (cuda:1) or mps")
+    return text
+
+
+def _report_to_arg(text: str) -> list[str]:
+    values = [] if text.lower() == "none" else parse_list(text)
+    bad = [v for v in values if v not in REPORT_TO]
+    if bad:
+        raise argparse.ArgumentTypeError(f"invalid choice: {bad[0]!r} (choose from {', '.join(REPORT_TO)}, none)")
+    return values
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reads ``-1e-4`` and ``-.5`` as values, not flags (``--lr -1e-4`` then
+    reaches validation, which names the problem, instead of "expected one argument").
+
+    >>> p = Parser(); _ = p.add_argument("--lr", type=float); p.parse_args(["--lr", "-1e-4"]).lr
+    -0.0001
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _flag_type(type_name: str) -> tuple[Any, dict[str, Any]]:
@@ -72,6 +110,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text, **extra}
         if conv is not None:
             kwargs["type"] = conv
+        if f.name in CHOICES:
+            kwargs["choices"] = CHOICES[f.name]
+        if f.name == "report_to":
+            kwargs.update(type=_report_to_arg, metavar="{" + ",".join(REPORT_TO) + "}")
+        if f.name == "device":
+            kwargs.update(type=device_arg, metavar="{auto,cpu,cuda,cuda:N,mps}")
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
@@ -104,6 +148,7 @@ def _with_fix(message: str, config: str | None) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import reporting
     from .distributed import cleanup, is_main
     from .train import train
 
@@ -113,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     try:
-        results = train(cfg, resume=args.resume, log=pipe_safe_print)
+        results = train(cfg, resume=args.resume, log=reporting.info)
     finally:
         cleanup()  # destroys the process group of a torchrun/accelerate launch (no-op otherwise)
     if not is_main():
@@ -121,6 +166,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = results["test"] or {}
     print(f"best epoch {results['best_epoch']}: dev {results['dev']['f1']:.2f}  test {test.get('f1', float('nan')):.2f}"
           f"  ({test.get('headline', 'f1')})")
+    if cfg.output_dir is None:
+        print("no output folder (--output-dir none): nothing was written")
+        return 0
     print(f"results: {cfg.output_dir}/results.json")
     if results.get("checkpoint"):
         print(f"checkpoint: {cfg.output_dir}/{results['checkpoint']}")
@@ -210,9 +258,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="metaxl", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = Parser(prog="metaxl", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"metaxl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging (logger 'metaxl')")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train target-only, JT, JT+RTN or MetaXL",
@@ -233,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="data set name (masakhaner2:luo, nusax:balinese) or folder")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--data-dir")
-    p.add_argument("--sa-labels", choices=["binary", "3way", "all"], help="default: as in training")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--sa-labels", choices=CHOICES["sa_labels"], help="default: as in training")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print all metrics as JSON")
     p.add_argument("--output", help="also write the metrics to this JSON file")
@@ -244,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--input", "-i", help="text file (default: stdin)")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_predict)
 
@@ -302,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .reporting import configure_logging
+
+    configure_logging(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)
     except MetaXLError as err:

@@ -5,11 +5,15 @@ of the YAML config file. Precedence: defaults < YAML file < command-line flags.
 
 >>> from metaxl.config import TrainConfig
 >>> cfg = TrainConfig(target="masakhaner2:luo", source="masakhaner2:en", method="metaxl")
+>>> cfg.source                # one name is a one-element list
+['masakhaner2:en']
 >>> cfg.rtn_layers            # -1 = after the last layer (the paper's "layer 12" for 12-layer models)
 [-1]
 >>> cfg.validate()            # raises ConfigError on a bad value
 >>> TrainConfig.from_dict({"target": "nusax:balinese", "method": "jt", "epochs": 3}).epochs
 3
+>>> TrainConfig(output_dir=None).output_dir is None   # an in-memory run: nothing is written
+True
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ TASKS = ("auto", "ner", "sa")
 SA_LABELS = ("binary", "3way", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
 ON_NONFINITE = ("stop", "skip")
+CHOICES = {"task": TASKS, "sa_labels": SA_LABELS, "method": METHODS, "rtn_variant": RTN_VARIANTS,
+           "rtn_init": RTN_INITS, "rtn_norm": RTN_NORMS, "hypergrad": HYPERGRADS, "meta_batch": META_BATCH,
+           "meta_optimizer": META_OPTIMIZERS, "hypergrad_scale": HYPERGRAD_SCALES, "precision": PRECISIONS,
+           "on_nonfinite": ON_NONFINITE}
+"""The enumerated fields and their values (``metaxl train --help`` lists them; argparse checks them)."""
 
 
 @dataclass
@@ -65,6 +74,9 @@ class TrainConfig:
     """default (offline multilingual-e5-small), a local checkpoint folder, or a hub name."""
     freeze_embeddings: bool = False
     """Freeze the word-embedding matrix (250k x d for XLM-R vocabularies): about 2x faster steps."""
+    extend_vocab: int = 0
+    """Paper, Appendix C: train a subword tokenizer of this many pieces on the target's training text
+    and add the pieces the model's vocabulary lacks (new rows: the mean of the old pieces); 0: off."""
     # --- method ---
     method: str = "metaxl"
     rtn_layers: list[int] = field(default_factory=lambda: [-1])
@@ -140,7 +152,8 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     eval_batch_size: int = 64
-    output_dir: str = "runs/metaxl"
+    output_dir: str | None = "runs/metaxl"
+    """Output folder (results.json, checkpoint/); None: an in-memory run that writes nothing."""
     save_checkpoint: bool = True
     save_state: bool = True
     """With --resume (as sweeps run): save the training state after each epoch. Turn off where an
@@ -151,8 +164,23 @@ class TrainConfig:
     """A step giving a non-finite loss, hypergradient or weight: stop (the run fails, the best
     checkpoint so far is kept) or skip (the step is undone with a warning and counted in
     results.json; keeps a copy of the weights and optimiser state each step)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers: tensorboard (event files in output_dir; pip install metaxl[tensorboard])."""
 
     # ------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # TrainConfig(source="data/sa-src") means one source, not one per letter
+        if isinstance(self.source, str):
+            self.source = [self.source]
+        elif self.source is None:
+            self.source = []
+        if isinstance(self.report_to, str):
+            self.report_to = parse_list(self.report_to)
+        elif self.report_to is None:
+            self.report_to = []
+        if isinstance(self.rtn_layers, int):
+            self.rtn_layers = [self.rtn_layers]
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -165,10 +193,11 @@ class TrainConfig:
                 f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.field_names())}"
             )
         data = dict(data)
-        if isinstance(data.get("source"), str):
-            data["source"] = parse_list(data["source"])
-        if "source" in data and data["source"] is None:
-            data["source"] = []
+        for key in ("source", "report_to"):
+            if isinstance(data.get(key), str):
+                data[key] = parse_list(data[key])
+            if key in data and data[key] is None:
+                data[key] = []
         if isinstance(data.get("rtn_layers"), (str, int)):
             data["rtn_layers"] = parse_list(str(data["rtn_layers"]))  # each item checked by _coerce below
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
@@ -241,6 +270,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0 and meta_lr >= 0, got lr={self.lr} meta_lr={self.meta_lr}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a fraction of the training steps in [0, 1), got {self.warmup}")
+        if self.extend_vocab < 0:
+            raise ConfigError(f"extend_vocab is a number of subword pieces (0: off), got {self.extend_vocab}")
         if self.backoff_epochs < 0:
             raise ConfigError(f"backoff_epochs must be >= 0, got {self.backoff_epochs}")
         if self.backoff_epochs and self.method != "metaxl":
@@ -254,6 +285,9 @@ class TrainConfig:
                               f"leave inner_lr unset (got inner_lr={self.inner_lr})")
         if self.fd_epsilon <= 0:
             raise ConfigError(f"fd_epsilon must be > 0, got {self.fd_epsilon}")
+        from .reporting import check_report_to
+
+        check_report_to(self.report_to)
         self._validate_numbers()
 
     def _validate_numbers(self) -> None:

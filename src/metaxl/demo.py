@@ -61,7 +61,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--model", default=DEFAULTS["model"], help="default = offline multilingual-e5-small")
     p.add_argument("--data-dir", default=None, help="folder with masakhaner2/ and nusax-senti/ (default: the usual "
                    "data folders, else the demo's sentences shipped with metaxl)")
-    p.add_argument("--device", default="auto")
+    from .cli import device_arg
+
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p.add_argument("--output-dir", default=DEFAULTS["output_dir"])
     p.add_argument("--train-embeddings", action="store_true",
                    help="also train the 250k x 384 word-embedding matrix (about 2x slower on CPU)")

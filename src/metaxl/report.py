@@ -79,6 +79,7 @@ _NOT_SETTING = {
     "save_state",
     "eval_batch_size",
     "gradient_checkpointing",
+    "report_to",
 }
 RelatedFn = Callable[[str], Any]
 

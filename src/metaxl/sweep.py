@@ -91,7 +91,7 @@ STANDARD_AXES = ("target", "source", "method", "source_size", "rtn_layers")
 TOP_LEVEL_KEYS = ("name", "base", "grid", "exclude", "runs_dir", "ray")
 
 # Keys that never change what a run computes (excluded from dedup / config comparison).
-NON_SEMANTIC_KEYS = ("output_dir", "progress", "save_state", "diagnostics_every")
+NON_SEMANTIC_KEYS = ("output_dir", "progress", "save_state", "diagnostics_every", "report_to")
 # Keys that only matter for some methods; others get TrainConfig's defaults (see effective_config).
 SOURCE_KEYS = ("source", "source_size")
 RTN_KEYS = ("rtn_layers", "rtn_variant", "rtn_hidden", "rtn_init", "rtn_norm", "rtn_per_source", "meta_lr", "meta_optimizer",
@@ -342,6 +342,12 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     if key == "rtn_layers":
         return _as_layers(value, where)
     hint = _HINTS[key]
+    if typing.get_origin(hint) is list and typing.get_args(hint) == (str,):  # report_to: a name or a list
+        if isinstance(value, str):
+            return parse_list(value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{where}: {key}={value!r} is not a valid list of names")
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None or (
         isinstance(value, str) and value.lower() in ("all", "none", "null") and type(None) in args
@@ -894,6 +900,26 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
             pass
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` (Linux) after which the child gets SIGTERM when the thread that started it
+    dies, so a Ray worker killed by ``ray.cancel(force=True)`` or a killed driver leaves no
+    training behind. Resolved here, in the parent: between fork and exec the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
+
+
+WAIT_POLL_S = 0.2
+"""``run_child`` waits for its child in slices this long, so that Python code runs in between."""
+
+
 def run_child(
     prefix: Sequence[str],
     run_dir: str,
@@ -905,7 +931,10 @@ def run_child(
     """Run one training child, stdout+stderr appended to ``run_dir/train.log``; return its exit code.
 
     Used by the local backend and, unchanged, inside Ray tasks: on KeyboardInterrupt (how Ray
-    cancels a task) the child's process group gets SIGTERM, then SIGKILL after ``grace_s``.
+    cancels a task) the child's process group gets SIGTERM, then SIGKILL after ``grace_s``. The
+    wait is a loop of short waits, not one blocking ``waitpid``: Ray delivers the cancellation as
+    an asynchronous exception, which only arrives while Python code runs (a task blocked in
+    ``Popen.wait()`` never saw it, and its run went on after Ctrl-C).
 
     >>> run_child(["true"], "/tmp", {}, "")   # doctest: +SKIP
     0
@@ -923,11 +952,16 @@ def run_child(
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
         try:
             if on_start is not None:
                 on_start(proc)
-            return proc.wait()
+            while True:
+                try:
+                    return proc.wait(timeout=WAIT_POLL_S)
+                except subprocess.TimeoutExpired:
+                    continue
         except BaseException:
             _kill_group(proc, signal.SIGTERM)
             try:
@@ -1260,16 +1294,27 @@ class _Runner:
     # -- ray backend --
     def run_ray(self, jobs: int | None, num_cpus: float, num_gpus: float, bar: Any) -> None:
         ray = import_ray()
+        started_ray = False
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(address="auto")
             else:
                 ray.init()
+                started_ray = True  # a local Ray instance of this sweep: shut down at the end
+        try:
+            self._ray_loop(ray, jobs, num_cpus, num_gpus, bar)
+        finally:
+            if started_ray and hasattr(ray, "shutdown"):
+                ray.shutdown()
+
+    def _ray_loop(self, ray: Any, jobs: int | None, num_cpus: float, num_gpus: float, bar: Any) -> None:
         task = ray.remote(run_child).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
         queue = list(self.runs)
         inflight: dict[Any, PlannedRun] = {}
         limit = jobs if jobs and jobs > 0 else len(queue)
         cancelled = False
+        cancelled_at = 0.0
+        forced = False
         while queue or inflight:
             while queue and len(inflight) < limit and not self.stop.is_set():
                 run = queue.pop(0)
@@ -1277,10 +1322,14 @@ class _Runner:
                 inflight[task.remote(self.prefix, str(rdir), self.env, f"ray launch {run.name}")] = run
             if self.stop.is_set():
                 queue.clear()
-                if not cancelled:
+                if not cancelled:  # KeyboardInterrupt in each task: run_child stops its child
                     for ref in inflight:
                         ray.cancel(ref, force=False)
-                    cancelled = True
+                    cancelled, cancelled_at = True, time.monotonic()
+                elif not forced and time.monotonic() - cancelled_at > self.grace_s + 5:
+                    for ref in inflight:  # kills the worker; its child gets SIGTERM (_die_with_parent)
+                        ray.cancel(ref, force=True)
+                    forced = True
             if not inflight:
                 break
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)

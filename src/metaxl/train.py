@@ -18,6 +18,7 @@ rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -37,6 +38,7 @@ from .errors import ConfigError, DataError, MetaXLError
 from .threads import THREADS_FILE_ENV, ThreadsFile
 
 STATE_DIR = "train_state"
+logger = logging.getLogger("metaxl")
 
 
 # ---------------------------------------------------------------------------- setup helpers
@@ -330,8 +332,15 @@ def rtn_diagnostics(model: Any, injector: Any, probe: dict[str, torch.Tensor], i
             "weight_drift": round(injector.weight_drift(initial), 6)}
 
 
-def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: Any = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared: PreparedData | None = None,
+          model: Any = None, tokenizer: Any = None, artifacts: dict[str, Any] | None = None,
+          on_setup: Any = None) -> dict[str, Any]:
     """Train ``cfg.method`` and return the results dict also written to ``results.json``.
+
+    Hooks of the Python API (:func:`metaxl.api.train`): ``prepared`` replaces reading the data sets
+    named in ``cfg``, ``model``/``tokenizer`` replace loading ``cfg.model`` (a model with its task head
+    for ``prepared.labels``), and ``artifacts`` (a dict) receives the trained ``model``, ``tokenizer``,
+    ``rtn`` (the RTN injector, or None) and ``data``. ``cfg.output_dir=None`` writes nothing.
 
     ``on_setup(model, learner)``, if given, is called once the model, RTNs and optimisers exist,
     before the first step (benchmarks/planted_shift.py installs its source distortion there).
@@ -358,6 +367,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
     )
     from .meta import Learner, enable_gradient_checkpointing
     from .models import load_model, load_tokenizer
+    from .reporting import make_reporter
     from .rtn import RTNInjector, encoder_parts, resolve_layers
     from .tasks import collate, encode
 
@@ -372,16 +382,28 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
             raise ConfigError(f"{dist.world_size} processes need --batch-size >= {dist.world_size} and a target "
                               f"batch >= {need} (the global batch is split across processes)")
     autocast = autocast_factory(device, cfg.precision)
-    data = prepare_data(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    if resume and cfg.output_dir is None:
+        raise ConfigError("resume needs an output_dir (the training state is saved there)")
+    data = prepared if prepared is not None else prepare_data(cfg)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
     set_seed(cfg.seed)
-    model = load_model(cfg.model, data.task, data.labels)
+    if model is None:
+        model = load_model(cfg.model, data.task, data.labels)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if isinstance(max_pos, int):
         limit = max_pos - (2 if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0)
         if cfg.max_length > limit:
             raise ConfigError(f"--max-length {cfg.max_length} is longer than model {cfg.model!r} supports "
                               f"({limit} positions); use --max-length {limit} or less")
+    extension = None
+    if cfg.extend_vocab:  # paper Appendix C (metaxl.vocab); a resumed run reuses its saved extension
+        from .vocab import VOCAB_DIR, extend_vocabulary
+
+        saved = Path(cfg.output_dir) / VOCAB_DIR if resume and cfg.output_dir is not None else None
+        extension = extend_vocabulary(model, tokenizer, data.target_train, cfg.extend_vocab, saved, broadcast_object)
+        tokenizer = extension.tokenizer
+        log(f"vocabulary: {len(extension.added)} target pieces added ({len(tokenizer)} in all)")
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     _grad_ok(model)
@@ -404,13 +426,17 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # ---- output folder (only now: every input has been checked)
-    out = Path(cfg.output_dir)
-    if resume and (done := guards.check_resume(out, cfg.to_dict(), TrainConfig().to_dict())) is not None:
+    writes = dist.is_main and cfg.output_dir is not None  # output_dir=None: an in-memory run, nothing written
+    out = Path(cfg.output_dir or ".")
+    if (resume and cfg.output_dir is not None
+            and (done := guards.check_resume(out, cfg.to_dict(), TrainConfig().to_dict())) is not None):
         log(f"{out} holds a finished run (best epoch {done.get('best_epoch')}); nothing to do "
             "(use another --output-dir to train again)")
         return done
-    if dist.is_main:
+    if writes:
         _prepare_output(out, model, resume and cfg.save_state, cfg)
+        if extension is not None and resume:
+            extension.tokenizer.save_pretrained(out / VOCAB_DIR)
 
     model.to(device)
     injector = None
@@ -432,6 +458,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
         (sum(len(f) for f in src_feats) if cfg.method != "target-only" else len(tgt_feats)) / cfg.batch_size
     )
     main_steps = steps_per_epoch * cfg.epochs
+    logger.debug("%s, %s on %s: %d target / %s source / %d dev / %d test examples, %d steps per epoch, %d labels",
+                 cfg.method, data.task, device, len(tgt_feats), [len(f) for f in src_feats], len(dev_feats),
+                 len(test_feats), steps_per_epoch, len(data.labels))
     total_epochs = cfg.epochs + cfg.backoff_epochs
     opt_theta = torch.optim.AdamW(theta_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched_theta = get_linear_schedule_with_warmup(opt_theta, int(cfg.warmup * main_steps), main_steps)
@@ -463,6 +492,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
         "code": code_version(),
         "rtn_init": rtn_diagnostics(model, injector, probe, rtn_start) if injector is not None else None,
     }
+    if extension is not None:
+        results["vocab_added"] = len(extension.added)
     start_epoch, best_f1, elapsed_before = 1, -1.0, 0.0
     best: Snapshot | None = None  # the best dev epoch's weights; the test set is evaluated on them once, at the end
     state_dir = out / STATE_DIR
@@ -491,8 +522,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
         best_f1 = max([e["dev"]["f1"] for e in results["epochs"]], default=-1.0)
         elapsed_before = sum(e["seconds"] for e in results["epochs"])
         log(f"resuming {out} from epoch {start_epoch}")
-    if dist.is_main:
+    if writes:
         write_json(out / "results.json", results)
+    reporter = make_reporter(cfg.report_to, out, cfg.output_dir is not None,
+                             sum(e["steps"] for e in results["epochs"])) if dist.is_main else None
 
     tgt_iter = TargetCycle(tgt_feats, cfg.tgt_batch_size, gen, cfg.group_by_length, state=tgt_state)
     failure: MetaXLError | None = None
@@ -567,6 +600,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
                 log(f"warning: step skipped: {message.partition('; or pass')[0]}")
                 continue
             losses.append(loss)
+            if reporter is not None:
+                reporter.log_step(loss, stats, learner)
             if stats.meta_loss is not None:
                 meta_losses.append(all_mean(stats.meta_loss))
             if stats.phi_grad_norm is not None and math.isfinite(stats.phi_grad_norm):
@@ -607,12 +642,14 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
         row["seconds"] = time.time() - t0
         row["best"] = improved
         results["epochs"].append(row)
+        if reporter is not None:
+            reporter.log_epoch(row)
         log(f"epoch {epoch}/{total_epochs}: loss {row['train_loss'] or float('nan'):.4f}  dev f1 {dev_metrics['f1']:.2f}"
             + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]" + rtn_log_line(row.get("rtn"))
             + (f"  ({skipped} tail batches smaller than {dist.world_size} skipped)" if skipped else ""))
-        if dist.is_main:
+        if writes:
             write_json(out / "results.json", results)
-        if resume and cfg.save_state and epoch < total_epochs and not backoff and dist.is_main:
+        if resume and cfg.save_state and epoch < total_epochs and not backoff and writes:
             try:
                 _save_state(state_dir, model, injector, learner, gen, results, best, tgt_iter, rtn_start)
             except guards.DiskError as err:
@@ -627,11 +664,14 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
         test_metrics, _ = evaluate(model, data.task, data.test, test_feats, data.labels, pad_id,
                                    cfg.eval_batch_size, device, autocast)
         results["test"] = test_metrics
-        if cfg.save_checkpoint and dist.is_main:
+        if reporter is not None:
+            reporter.log_test(test_metrics, results["best_epoch"])
+        if cfg.save_checkpoint and writes:
             try:
                 save_checkpoint(out / "checkpoint", model, tokenizer, data.task, data.labels, cfg.max_length,
                                 extra={"config": cfg.to_dict(), "epoch": results["best_epoch"],
-                                       "dev": results["dev"], "test": test_metrics})
+                                       "dev": results["dev"], "test": test_metrics, "sizes": results["sizes"],
+                                       "vocab_added": results.get("vocab_added")})
                 results["checkpoint"] = "checkpoint"
                 if best.rtn is not None:
                     from safetensors.torch import save
@@ -647,7 +687,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
         results["error"] = str(failure)
     results["wall_seconds"] = elapsed_before + time.time() - t_start
     results = broadcast_object(results)  # rank 0's results (its evaluation) on every rank
-    if dist.is_main:
+    if writes:
         try:
             write_json(out / "results.json", results)
         except guards.DiskError:
@@ -655,12 +695,20 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, on_setup: An
                 raise
         if state_dir.exists() and failure is None:
             shutil.rmtree(state_dir)
+        if extension is not None and failure is None:  # kept for a resumed run only; the checkpoint holds it
+            shutil.rmtree(out / "extended_tokenizer", ignore_errors=True)
     if failure is not None:
         if injector is not None:
             injector.remove()
+        if reporter is not None:
+            reporter.close()
         raise failure
     if injector is not None:
         injector.remove()
+    if reporter is not None:
+        reporter.close()
+    if artifacts is not None:
+        artifacts.update(model=model, tokenizer=tokenizer, rtn=injector, data=data)
     return results
 
 
