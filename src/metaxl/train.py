@@ -96,12 +96,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_factory(device: torch.device, precision: str) -> Any:
-    if precision == "fp32":
-        return contextlib.nullcontext
-    if device.type != "cuda":
-        raise ConfigError(f"--precision {precision} needs a CUDA device; on CPU use fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+    """The autocast of a run (bf16 on CUDA or the CPU, fp16 on CUDA): :func:`metaxl.precision.autocast_factory`."""
+    from .precision import autocast_factory as factory
+
+    return factory(device, precision)
 
 
 @dataclass
