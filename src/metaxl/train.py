@@ -198,7 +198,7 @@ def theta_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- evaluation
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions and views)
 def predict_features(model: Any, features: list[dict[str, Any]], pad_id: int, batch_size: int,
                      device: torch.device, autocast: Any = contextlib.nullcontext) -> list[torch.Tensor]:
     """Logits for every feature, in the order given (one tensor per example, padding removed).
@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from .checkpoint import save_checkpoint
+    from .checkpoint import load_training_state_dict, save_checkpoint
     from .distributed import (
         all_mean,
         broadcast_module,
@@ -370,7 +370,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     state_dir = out / STATE_DIR
     if resume and (state_dir / "state.pt").is_file():
         state = torch.load(state_dir / "state.pt", map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        load_training_state_dict(model, state["model"])
         opt_theta.load_state_dict(state["opt_theta"])
         sched_theta.load_state_dict(state["sched_theta"])
         if injector is not None:
@@ -551,9 +551,11 @@ class Snapshot:
 
 def _save_state(state_dir: Path, model: Any, injector: Any, learner: Any, gen: torch.Generator,
                 results: dict[str, Any], best: Snapshot | None = None) -> None:
+    from .checkpoint import training_state_dict
+
     state_dir.mkdir(parents=True, exist_ok=True)
     state = {
-        "model": model.state_dict(), "opt_theta": learner.opt_theta.state_dict(),
+        "model": training_state_dict(model), "opt_theta": learner.opt_theta.state_dict(),
         "sched_theta": learner.sched_theta.state_dict(),
         "rtn": injector.state_dict() if injector is not None else None,
         "opt_phi": learner.opt_phi.state_dict() if learner.opt_phi is not None else None,
