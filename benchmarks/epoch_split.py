@@ -48,6 +48,21 @@ def study_base(task: str) -> dict[str, Any]:
     return dict(yaml.safe_load((REPO / "examples" / "sweeps" / f"study_{task}.yaml").read_text())["base"])
 
 
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` overrides of TrainConfig fields (converted as the YAML values are).
+
+    >>> parse_sets(["max_length=32", "rtn_layers=-1"])
+    {'max_length': '32', 'rtn_layers': '-1'}
+    """
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"--set takes KEY=VALUE (a TrainConfig field), got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 class Timers:
     """Accumulated seconds per phase; a phase entered inside another is charged to the inner one only.
 
@@ -166,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-by-length", action="store_true")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the study (e.g. --set max_length=64); repeatable")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N functions of largest own time")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p.parse_args(argv)
@@ -184,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **study_base(args.task), "target": target, "source": [source], "method": args.method,
             "model": args.model, "epochs": args.epochs, "seed": args.seed, "dev_size": args.dev_size,
             "test_size": args.test_size, "precision": args.precision, "group_by_length": args.group_by_length,
-            "device": "cpu", "output_dir": f"{tmp}/run", "progress": False,
+            "device": "cpu", "output_dir": f"{tmp}/run", "progress": False, **parse_sets(args.set),
         })
         res = {**machine_fields(torch.device("cpu")), **run(cfg, args.profile)}
     res["setting"] = (f"{args.method} {target} + {source}; {args.epochs} epochs; study settings; {args.precision}"

@@ -143,3 +143,32 @@ def test_device_kit_rebuilds_the_default_encoder(tmp_path):
     np.savez(out / "e5-kit.npz", **z)
     with pytest.raises(SystemExit, match="differs from the full one"):
         kit.check_kit(out, ["nusax:ngaju"], SHARED_DATA)
+
+
+def test_run_cost_smoke(tiny_model, toy_data, tmp_path, capsys):
+    """benchmarks/run_cost.py: both ways of every task and method train whole runs; the table has
+    both test F1s and the ratios."""
+    module = _companion("run_cost")
+    out = tmp_path / "cost.json"
+    res = module.main(["--model", str(tiny_model), "--epochs", "1", "--threads", "1", "--source-size", "24",
+                       "--ner-data", f"{toy_data / 'ner-tgt'},{toy_data / 'ner-src'}",
+                       "--sa-data", f"{toy_data / 'sa-tgt'},{toy_data / 'sa-src'}", "--json", str(out),
+                       "--set", "max_length=32", "--set", "rtn_layers=-1"])
+    assert [(r["task"], r["method"]) for r in res["runs"]] == [("ner", "jt"), ("ner", "metaxl"), ("sa", "jt"), ("sa", "metaxl")]
+    for row in res["runs"]:
+        for way in ("default", "fast"):
+            assert row[way]["wall_s"] > 0 and 0 <= row[way]["test_f1"] <= 100
+    assert json.loads(out.read_text())["args"]["epochs"] == 1
+    text = capsys.readouterr().out
+    assert "wall ratio" in text and "test f1 fast" in text and "precision=bf16" in text
+
+
+def test_epoch_split_smoke(tiny_model, toy_data, tmp_path, capsys):
+    """benchmarks/epoch_split.py: every phase of a resumable run is timed (one state save for 2 epochs)."""
+    module = _companion("epoch_split")
+    res = module.main(["--model", str(tiny_model), "--task", "ner", "--target", str(toy_data / "ner-tgt"),
+                       "--source", str(toy_data / "ner-src"), "--epochs", "2", "--threads", "1", "--profile", "5",
+                       "--set", "max_length=32", "--set", "rtn_layers=-1"])
+    assert res["calls"]["state save"] == 1 and res["calls"]["dev eval"] == 2 and res["calls"]["test eval"] == 1
+    assert res["seconds"]["train steps"] > 0
+    assert "state save" in capsys.readouterr().out
