@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from epoch_split import PAIRS, parse_sets, study_base  # noqa: E402
+from epoch_split import PAIRS, parse_sets, run, study_base  # noqa: E402
 from step_cost import machine_fields, machine_line  # noqa: E402
 
 WAYS: dict[str, dict[str, Any]] = {
@@ -61,15 +61,13 @@ def config(task: str, method: str, way: str, args: argparse.Namespace, out: str)
 
 
 def one_run(cfg: Any) -> dict[str, Any]:
-    """Train ``cfg`` (resumable, as sweeps run it) and time it: wall and this process's CPU seconds."""
-    from metaxl.train import train
-
-    wall, cpu = time.perf_counter(), time.process_time()
+    """Train ``cfg`` (resumable, as sweeps run it) and time it: wall and this process's CPU seconds,
+    and the wall seconds of each phase (:func:`epoch_split.run`: train steps, dev eval, state save, ...)."""
+    cpu = time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):
-        res = train(cfg, resume=True, log=lambda *_: None)
-    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-            "test_f1": res["test"]["f1"], "best_epoch": res["best_epoch"],
-            "epoch_s": [e["seconds"] for e in res["epochs"]]}
+        res = run(cfg)
+    return {"wall_s": res["wall_s"], "cpu_s": time.process_time() - cpu, "test_f1": res["test_f1"],
+            "phases_s": res["seconds"]}
 
 
 def report(res: dict[str, Any]) -> str:
@@ -88,6 +86,13 @@ def report(res: dict[str, Any]) -> str:
     d, f = total["default"], total["fast"]
     lines.append(f"{'all':<12} {d['wall_s']:9.0f} {f['wall_s']:7.0f} {f['wall_s'] / d['wall_s']:10.2f} "
                  f"{f['cpu_s'] / d['cpu_s']:9.2f}")
+    phases = ("train steps", "dev eval", "test eval", "state save", "setup and other")
+    lines += ["", "wall seconds by phase (default -> fast)",
+              f"{'task':<4} {'method':<7} " + " ".join(f"{p:>17}" for p in phases)]
+    for row in res["runs"]:
+        cells = [f"{row['default']['phases_s'].get(p, 0.0):7.1f} -> {row['fast']['phases_s'].get(p, 0.0):6.1f}"
+                 for p in phases]
+        lines.append(f"{row['task']:<4} {row['method']:<7} " + " ".join(f"{c:>17}" for c in cells))
     return "\n".join(lines)
 
 

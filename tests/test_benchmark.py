@@ -172,3 +172,27 @@ def test_epoch_split_smoke(tiny_model, toy_data, tmp_path, capsys):
     assert res["calls"]["state save"] == 1 and res["calls"]["dev eval"] == 2 and res["calls"]["test eval"] == 1
     assert res["seconds"]["train steps"] > 0
     assert "state save" in capsys.readouterr().out
+
+
+def test_paired_precision_pairs_fast_and_default_runs(tmp_path, capsys):
+    """benchmarks/paired_precision.py: runs equal but for precision/group_by_length are paired; others not."""
+    module = _companion("paired_precision")
+
+    def run(name, task, method, seed, precision, gbl, f1, status="finished"):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = {"task": task, "method": method, "seed": seed, "precision": precision, "group_by_length": gbl,
+               "output_dir": str(folder)}
+        (folder / "results.json").write_text(json.dumps({"status": status, "config": cfg, "task": task,
+                                                        "method": method, "test": {"f1": f1}}))
+
+    for seed, (d, f) in enumerate([(50.0, 51.0), (60.0, 59.0), (40.0, 43.0)], start=1):
+        run(f"d{seed}", "ner", "jt", seed, "fp32", False, d)
+        run(f"f{seed}", "ner", "jt", seed, "bf16", True, f)
+    run("lonely", "ner", "metaxl", 1, "bf16", True, 10.0)          # no partner
+    run("other", "ner", "jt", 1, "bf16", False, 99.0)              # neither way
+    run("unfinished", "sa", "jt", 1, "fp32", False, 1.0, status="running")
+    diffs = module.main([str(tmp_path)])
+    assert diffs == {("ner", "jt"): [1.0, -1.0, 3.0]}
+    out = capsys.readouterr().out
+    assert "+1.00" in out and "[-3.97, +5.97]" in out
