@@ -196,3 +196,13 @@ def test_paired_precision_pairs_fast_and_default_runs(tmp_path, capsys):
     assert diffs == {("ner", "jt"): [1.0, -1.0, 3.0]}
     out = capsys.readouterr().out
     assert "+1.00" in out and "[-3.97, +5.97]" in out
+
+
+def test_bf16_step_smoke(tiny_model, capsys):
+    """benchmarks/bf16_step.py: JT and MetaXL steps in fp32 and bf16, timed by wall and CPU clocks."""
+    module = _companion("bf16_step")
+    res = module.main(["--model", str(tiny_model), "--seq-len", "16", "--batch-size", "4", "--rounds", "1",
+                       "--threads", "1"])
+    assert set(res["times"]) == {"jt fp32", "jt bf16", "metaxl fp32", "metaxl bf16"}
+    assert all(len(t["cpu"]) == 1 and t["wall"][0] > 0 for t in res["times"].values())
+    assert "cpu ratio" in capsys.readouterr().out
