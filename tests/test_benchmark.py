@@ -143,3 +143,66 @@ def test_device_kit_rebuilds_the_default_encoder(tmp_path):
     np.savez(out / "e5-kit.npz", **z)
     with pytest.raises(SystemExit, match="differs from the full one"):
         kit.check_kit(out, ["nusax:ngaju"], SHARED_DATA)
+
+
+def test_run_cost_smoke(tiny_model, toy_data, tmp_path, capsys):
+    """benchmarks/run_cost.py: both ways of every task and method train whole runs; the table has
+    both test F1s and the ratios."""
+    module = _companion("run_cost")
+    out = tmp_path / "cost.json"
+    res = module.main(["--model", str(tiny_model), "--epochs", "1", "--threads", "1", "--source-size", "24",
+                       "--ner-data", f"{toy_data / 'ner-tgt'},{toy_data / 'ner-src'}",
+                       "--sa-data", f"{toy_data / 'sa-tgt'},{toy_data / 'sa-src'}", "--json", str(out),
+                       "--set", "max_length=32", "--set", "rtn_layers=-1"])
+    assert [(r["task"], r["method"]) for r in res["runs"]] == [("ner", "jt"), ("ner", "metaxl"), ("sa", "jt"), ("sa", "metaxl")]
+    for row in res["runs"]:
+        for way in ("default", "fast"):
+            assert row[way]["wall_s"] > 0 and 0 <= row[way]["test_f1"] <= 100
+    assert json.loads(out.read_text())["args"]["epochs"] == 1
+    text = capsys.readouterr().out
+    assert "wall ratio" in text and "test f1 fast" in text and "precision=bf16" in text
+
+
+def test_epoch_split_smoke(tiny_model, toy_data, tmp_path, capsys):
+    """benchmarks/epoch_split.py: every phase of a resumable run is timed (one state save for 2 epochs)."""
+    module = _companion("epoch_split")
+    res = module.main(["--model", str(tiny_model), "--task", "ner", "--target", str(toy_data / "ner-tgt"),
+                       "--source", str(toy_data / "ner-src"), "--epochs", "2", "--threads", "1", "--profile", "5",
+                       "--set", "max_length=32", "--set", "rtn_layers=-1"])
+    assert res["calls"]["state save"] == 1 and res["calls"]["dev eval"] == 2 and res["calls"]["test eval"] == 1
+    assert res["seconds"]["train steps"] > 0
+    assert "state save" in capsys.readouterr().out
+
+
+def test_paired_precision_pairs_fast_and_default_runs(tmp_path, capsys):
+    """benchmarks/paired_precision.py: runs equal but for precision/group_by_length are paired; others not."""
+    module = _companion("paired_precision")
+
+    def run(name, task, method, seed, precision, gbl, f1, status="finished"):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = {"task": task, "method": method, "seed": seed, "precision": precision, "group_by_length": gbl,
+               "output_dir": str(folder)}
+        (folder / "results.json").write_text(json.dumps({"status": status, "config": cfg, "task": task,
+                                                        "method": method, "test": {"f1": f1}}))
+
+    for seed, (d, f) in enumerate([(50.0, 51.0), (60.0, 59.0), (40.0, 43.0)], start=1):
+        run(f"d{seed}", "ner", "jt", seed, "fp32", False, d)
+        run(f"f{seed}", "ner", "jt", seed, "bf16", True, f)
+    run("lonely", "ner", "metaxl", 1, "bf16", True, 10.0)          # no partner
+    run("other", "ner", "jt", 1, "bf16", False, 99.0)              # neither way
+    run("unfinished", "sa", "jt", 1, "fp32", False, 1.0, status="running")
+    diffs = module.main([str(tmp_path)])
+    assert diffs == {("ner", "jt"): [1.0, -1.0, 3.0]}
+    out = capsys.readouterr().out
+    assert "+1.00" in out and "[-3.97, +5.97]" in out
+
+
+def test_bf16_step_smoke(tiny_model, capsys):
+    """benchmarks/bf16_step.py: JT and MetaXL steps in fp32 and bf16, timed by wall and CPU clocks."""
+    module = _companion("bf16_step")
+    res = module.main(["--model", str(tiny_model), "--seq-len", "16", "--batch-size", "4", "--rounds", "1",
+                       "--threads", "1"])
+    assert set(res["times"]) == {"jt fp32", "jt bf16", "metaxl fp32", "metaxl bf16"}
+    assert all(len(t["cpu"]) == 1 and t["wall"][0] > 0 for t in res["times"].values())
+    assert "cpu ratio" in capsys.readouterr().out

@@ -69,6 +69,9 @@ FAKE_TRAIN = textwrap.dedent(
 
     write("running", epochs=[])
     print("training", cfg["target"], cfg["method"], flush=True)
+    if os.environ.get("FAKE_PRINT_ENV"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            print(f"env {var}={os.environ.get(var)}", flush=True)
     if os.environ.get("FAKE_EPOCH_LINE"):
         print("epoch 1/2: loss 1.0000  dev f1 50.00  (best)  [1s]", flush=True)
     sleep = float(json.loads(os.environ.get("FAKE_SLEEPS", "{}")).get(cfg["target"], os.environ.get("FAKE_SLEEP", "0")))
@@ -109,6 +112,7 @@ def fake_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("FAKE_EPOCH_LINE", raising=False)
     monkeypatch.delenv("FAKE_SLEEPS", raising=False)
     monkeypatch.delenv("FAKE_FOLLOW_THREADS", raising=False)
+    monkeypatch.delenv("FAKE_PRINT_ENV", raising=False)
     return launches
 
 
@@ -372,6 +376,30 @@ def test_busy_cpus_get_a_thread_note_unless_threads_are_set(
     assert "CPUs are busy" not in sweep_text(0.2, "idle")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert "CPUs are busy" not in sweep_text(1.9, "set")
+
+
+@pytest.mark.parametrize("user,expected", [
+    ({}, {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}),
+    ({"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}),
+    ({"MKL_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}),
+    ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "3"}, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "1"}),
+])
+def test_a_thread_variable_the_user_set_sets_the_others_in_the_child(
+    tmp_path: Path, fake_train: Path, monkeypatch: pytest.MonkeyPatch, user: dict[str, str], expected: dict[str, str]
+) -> None:
+    """The child's environment, as it printed it: with OMP_NUM_THREADS=1 set by the user, MKL got
+    cores // jobs threads (2 here) and ran its sgemm on two threads beside another run."""
+    monkeypatch.setattr(sweep_mod, "_cores", lambda: 2)
+    for var in sweep_mod.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in user.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("FAKE_PRINT_ENV", "1")
+    cfg = small_sweep(tmp_path, ["masakhaner2:luo"])
+    runs = tmp_path / "runs"
+    assert run_sweep(cfg, runs_dir=runs, jobs=1, progress=False, out=io.StringIO()).finished == 1
+    log = next(runs.rglob("train.log")).read_text()
+    assert dict(re.findall(r"^env (\w+)=(\S+)$", log, re.M)) == expected
 
 
 def test_more_jobs_than_cores_get_a_note(tmp_path: Path, fake_train: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -206,3 +206,38 @@ the best dev epoch's weights). `metaxl.json` holds the label map and the full tr
 {yaml.safe_dump(cfg, sort_keys=False).rstrip()}
 ```
 """
+# ---------------------------------------------------------------------------- the per-epoch training state
+def training_state_dict(model: Any) -> dict[str, Any]:
+    """What of ``model`` a resumable training state must hold: every entry of its state dict but
+    the frozen parameters, which resuming loads unchanged from the model itself.
+
+    With the study's frozen word embeddings (e5-small: 250k x 384, 96M of its 118M parameters) the
+    per-epoch state save wrote 0.47 GB of model of which 0.38 GB never changes.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Embedding(10, 2), torch.nn.Linear(2, 1))
+    >>> _ = net[0].weight.requires_grad_(False)
+    >>> sorted(training_state_dict(net))
+    ['1.bias', '1.weight']
+    """
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_training_state_dict(model: Any, state: dict[str, Any]) -> None:
+    """Load a :func:`training_state_dict` (or a whole state dict, as states saved before it were)
+    into ``model``; only frozen parameters may be absent.
+
+    >>> import torch
+    >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    >>> _ = a.bias.requires_grad_(False), b.bias.requires_grad_(False)
+    >>> load_training_state_dict(b, training_state_dict(a))
+    >>> torch.equal(a.weight, b.weight)
+    True
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    bad = sorted(set(missing) & trainable) + sorted(unexpected)
+    if bad:
+        raise ModelError(f"the saved training state does not fit this model ({', '.join(bad[:5])}); "
+                         "delete the run's train_state/ folder to start it again")

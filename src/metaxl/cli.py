@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default=argparse.SUPPRESS,
                    help="same as --precision fp16 (CUDA)")
     p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default=argparse.SUPPRESS,
-                   help="same as --precision bf16 (CUDA)")
+                   help="same as --precision bf16 (CUDA, or a CPU with bf16 instructions: avx512_bf16, amx_bf16)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a data set")

@@ -569,10 +569,12 @@ class Learner:
         tgt: Batch | None,
         params: dict[str, torch.Tensor] | None = None,
         rtn: bool = True,
+        fp32: bool = False,
     ) -> torch.Tensor:
-        """``L_src`` (through the RTN when ``rtn``) + ``L_tgt`` (never through the RTN)."""
+        """``L_src`` (through the RTN when ``rtn``) + ``L_tgt`` (never through the RTN); under the
+        run's autocast unless ``fp32`` (the finite-difference shifted forwards: see there)."""
         total: torch.Tensor | None = None
-        with self.autocast():
+        with contextlib.nullcontext() if fp32 else self.autocast():
             if src is not None:
                 with self.source_context(), self._rtn(source) if rtn else contextlib.nullcontext():
                     total = batch_loss(self.model, src, params)
@@ -774,8 +776,11 @@ class Learner:
 
             def phi_grad_at(sign: float) -> tuple[torch.Tensor | None, ...]:
                 shifted = {n: torch.add(b, gm, alpha=sign * eps) for n, b, gm in zip(names, base, g_meta, strict=True)}
+                # fp32 even under bf16 autocast: the central difference subtracts two phi-gradients that
+                # differ by O(eps); bf16's rounding (2**-8) of the two forwards swamps that difference
+                # (cosine to the fp32 value down to 0.44 on the tiny model; 0.99+ with fp32 shifts)
                 with replayed_rng(rng):  # the dropout masks of g_src's forward, at both shifts
-                    loss_sh = self.train_loss(src_in, source, None, params=shifted)
+                    loss_sh = self.train_loss(src_in, source, None, params=shifted, fp32=self.scaler is None)
                 return torch.autograd.grad(loss_sh, self.phi, allow_unused=True)
 
             phi_grads = self._central_difference(phi_grad_at, a, eps)

@@ -97,12 +97,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_factory(device: torch.device, precision: str) -> Any:
-    if precision == "fp32":
-        return contextlib.nullcontext
-    if device.type != "cuda":
-        raise ConfigError(f"--precision {precision} needs a CUDA device; on CPU use fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+    """The autocast of a run (bf16 on CUDA or the CPU, fp16 on CUDA): :func:`metaxl.precision.autocast_factory`."""
+    from .precision import autocast_factory as factory
+
+    return factory(device, precision)
 
 
 @dataclass
@@ -242,7 +240,7 @@ def theta_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- evaluation
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions and views)
 def predict_features(model: Any, features: list[dict[str, Any]], pad_id: int, batch_size: int,
                      device: torch.device, autocast: Any = contextlib.nullcontext) -> list[torch.Tensor]:
     """Logits for every feature, in the order given (one tensor per example, padding removed).
@@ -320,12 +318,13 @@ def probe_batch(features: list[dict[str, Any]], pad_id: int, device: torch.devic
     return {k: v.to(device) for k, v in collate(features[:size], pad_id).items()}
 
 
-def rtn_diagnostics(model: Any, injector: Any, probe: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
-                    ) -> dict[str, Any]:
+def rtn_diagnostics(model: Any, injector: Any, probe: dict[str, torch.Tensor], initial: dict[str, torch.Tensor],
+                    autocast: Any = contextlib.nullcontext) -> dict[str, Any]:
     """Is the RTN learning or idling? The relative change it makes to the probe batch's source
     token vectors (mean ``||RTN(h) - h|| / ||h||``, per layer and the mean) and the relative
     distance of its weights from their initial values."""
-    change = injector.relative_change(model, probe)
+    with autocast():  # the run's precision (a bf16 run's probe forward in bf16 too)
+        change = injector.relative_change(model, probe)
     mean = {key: round(float(np.mean([c[key] for c in change.values()])), 6) for key in ("change", "norm_ratio", "cosine")}
     return {"rel_change": mean["change"], "norm_ratio": mean["norm_ratio"], "cosine": mean["cosine"],
             "by_layer": {str(k): v for k, v in change.items()},
@@ -355,7 +354,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
     from transformers import get_linear_schedule_with_warmup
 
     from . import guards
-    from .checkpoint import save_checkpoint
+    from .checkpoint import load_training_state_dict, save_checkpoint
     from .distributed import (
         all_mean,
         broadcast_module,
@@ -490,7 +489,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         "epochs": [], "best_epoch": None, "dev": None, "test": None, "checkpoint": None,
         "device": str(device), "torch": torch.__version__, "world_size": dist.world_size,
         "code": code_version(),
-        "rtn_init": rtn_diagnostics(model, injector, probe, rtn_start) if injector is not None else None,
+        "rtn_init": rtn_diagnostics(model, injector, probe, rtn_start, autocast) if injector is not None else None,
     }
     if extension is not None:
         results["vocab_added"] = len(extension.added)
@@ -501,7 +500,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
     if resume and (state_dir / "state.pt").is_file():
         state = _load_state(state_dir / "state.pt", device)
         tgt_state = state.get("tgt_cycle")
-        model.load_state_dict(state["model"])
+        load_training_state_dict(model, state["model"])
         opt_theta.load_state_dict(state["opt_theta"])
         sched_theta.load_state_dict(state["sched_theta"])
         if injector is not None:
@@ -623,7 +622,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
             "lr": learner.current_lr(), "dev": dev_metrics,
         }
         if injector is not None and not backoff:
-            row["rtn"] = rtn_diagnostics(model, injector, probe, rtn_start)
+            row["rtn"] = rtn_diagnostics(model, injector, probe, rtn_start, autocast)
             if learner.method == "metaxl":
                 row["rtn"].update(learner.hypergrad_stats.summary())
                 if probes:
@@ -772,6 +771,7 @@ def rtn_log_line(rtn: dict[str, Any] | None) -> str:
 def _save_state(state_dir: Path, model: Any, injector: Any, learner: Any, gen: torch.Generator,
                 results: dict[str, Any], best: Snapshot | None = None, tgt: TargetCycle | None = None,
                 rtn_start: dict[str, torch.Tensor] | None = None) -> None:
+    from .checkpoint import training_state_dict
     from .guards import os_error
 
     try:
@@ -779,7 +779,7 @@ def _save_state(state_dir: Path, model: Any, injector: Any, learner: Any, gen: t
     except OSError as err:
         raise os_error(err, state_dir, "the training state") from None
     state = {
-        "model": model.state_dict(), "opt_theta": learner.opt_theta.state_dict(),
+        "model": training_state_dict(model), "opt_theta": learner.opt_theta.state_dict(),
         "sched_theta": learner.sched_theta.state_dict(),
         "rtn": injector.state_dict() if injector is not None else None,
         "opt_phi": learner.opt_phi.state_dict() if learner.opt_phi is not None else None,
