@@ -24,13 +24,13 @@ def rows(folder: Path) -> list[dict]:
         if res.get("status") != "finished":
             continue
         last = res["epochs"][-1].get("rtn") or {}
-        before, after = last.get("meta_loss_before"), last.get("meta_loss_after")
         out.append({
             "run": path.parent.name, "method": res["method"], "best_epoch": res["best_epoch"],
             "dev_f1": res["dev"]["f1"], "rel_change_start": (res.get("rtn_init") or {}).get("rel_change"),
             "rel_change": last.get("rel_change"), "drift": last.get("weight_drift"),
             "snr": last.get("hypergrad_snr"),
-            "meta_step": last.get("meta_step_change", None if before is None else after - before),
+            "meta_step": last.get("meta_step_change"),  # (runs before it was recorded: rounded away)
+            "norm_ratio": last.get("norm_ratio"),
             "minutes": res.get("wall_seconds", 0) / 60,
         })
     return out
@@ -46,12 +46,13 @@ def main(argv: list[str]) -> int:
     if not table:
         print(f"no finished runs under {folder}", file=sys.stderr)
         return 1
-    print("| run | dev F1 | best epoch | RTN change (start -> end) | weight drift | hypergrad SNR | "
+    print("| run | dev F1 | best epoch | RTN change (start -> end) | norm ratio | weight drift | hypergrad SNR | "
           "meta-loss change of phi's step | minutes |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in table:
         change = "-" if r["rel_change"] is None else f"{fmt(r['rel_change_start'], '.3f')} -> {r['rel_change']:.3f}"
-        print(f"| {r['run']} | {r['dev_f1']:.2f} | {r['best_epoch']} | {change} | {fmt(r['drift'], '.3f')} | "
+        print(f"| {r['run']} | {r['dev_f1']:.2f} | {r['best_epoch']} | {change} | {fmt(r['norm_ratio'], '.2f')} | "
+              f"{fmt(r['drift'], '.3f')} | "
               f"{fmt(r['snr'], '.2f')} | {fmt(r['meta_step'], '+.1e')} | {r['minutes']:.0f} |")
     return 0
 

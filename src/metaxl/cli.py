@@ -19,7 +19,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import CHOICES, TrainConfig, parse_list
 from .errors import ConfigError, MetaXLError
@@ -62,6 +62,11 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message: str) -> NoReturn:
+        """A bad command line: one ``metaxl: error:`` line, as every other user error, saying where
+        the options are listed (argparse's own form is a usage block and ``metaxl train: error:``)."""
+        self.exit(2, f"metaxl: error: {message}; use '{self.prog} --help' for the options\n")
 
 
 def _flag_type(type_name: str) -> tuple[Any, dict[str, Any]]:
