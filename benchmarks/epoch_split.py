@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import importlib
 import io
 import json
 import pstats
@@ -112,7 +113,7 @@ def run(cfg: Any, profile: int = 0) -> dict[str, Any]:
     """Train ``cfg`` (with ``resume=True``, as sweeps do) and return the time of each phase."""
     import metaxl.meta
     import metaxl.tasks
-    import metaxl.train as tr
+    tr = importlib.import_module("metaxl.train")  # the module (the package attribute is the API function)
 
     timers = Timers()
     undo = [

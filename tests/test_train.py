@@ -363,7 +363,7 @@ def test_a_seed_gives_the_same_run_in_fresh_processes(toy_data, tiny_model, tmp_
 def test_state_save_leaves_out_frozen_parameters_and_resumes_exactly(toy_data, tiny_model, tmp_path, monkeypatch):
     """The per-epoch state holds no frozen parameter (the study freezes e5-small's 96M-parameter word
     embeddings: 0.38 GB a save); resuming from it is the uninterrupted run."""
-    import metaxl.train as tr
+    tr = importlib.import_module("metaxl.train")  # the module (the package attribute is the API function)
 
     cfg = _cfg(toy_data, tiny_model, tmp_path / "run", method="jt", epochs=2, freeze_embeddings=True)
     real = tr.evaluate
