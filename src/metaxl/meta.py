@@ -555,10 +555,9 @@ class Learner:
             theta = [self.theta[n] for n in names]
             loss = self.train_loss(src, source, tgt)
             g = torch.autograd.grad(loss, theta, allow_unused=True)
-            primes = {n: p.detach() if gi is None else p.detach() - lr * gi
-                      for n, p, gi, lr in zip(names, theta, g, self.inner_lrs(), strict=True)}
+            primes = virtual_step([p.detach() for p in theta], list(g), [None] * len(theta), self.inner_lrs())
             with torch.no_grad(), self.autocast():
-                return float(batch_loss(self.model, meta, primes))
+                return float(batch_loss(self.model, meta, dict(zip(names, primes, strict=True))))
         finally:
             self.model.train(was_training)
 
