@@ -41,6 +41,8 @@ class Outcome:
     distance_before: float
     distance_after: float
     shift_after: float
+    norm_ratio: float
+    """Mean ||RTN(M h)|| / ||h|| at the end (1 without an RTN)."""
 
 
 def run(method: str, meta_lr: float = 1e-2, steps: int = 300, seed: int = 0, flip_sign: bool = False,
@@ -92,4 +94,7 @@ def run(method: str, meta_lr: float = 1e-2, steps: int = 300, seed: int = 0, fli
     with torch.no_grad():
         dev_loss = float(batch_loss(model, dev))
     h = shift.hidden(model, dev)
-    return Outcome(dev_loss, before, shift.distance(injector, h), shift.distance(None, h))
+    with torch.no_grad():
+        out = shift.apply(h) if injector is None else injector.rtns[injector.key(0, LAYERS)](shift.apply(h))
+        ratio = float((out.norm(dim=-1) / h.norm(dim=-1)).mean())
+    return Outcome(dev_loss, before, shift.distance(injector, h), shift.distance(None, h), ratio)
