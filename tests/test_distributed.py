@@ -59,8 +59,9 @@ _CASE = {c[0]: c for c in CASES}
 
 
 # ---------------------------------------------------------------------------- shared by both sides
-def _build(method: str, hypergrad: str, opt: str, clip: float) -> tuple[Any, Any, Any]:
-    """A fresh learner with deterministic weights (identical in every process)."""
+def _build(method: str, hypergrad: str, opt: str, clip: float, diagnostics: bool = True) -> tuple[Any, Any, Any]:
+    """A fresh learner with deterministic weights (identical in every process); ``diagnostics``:
+    the default meta-loss probe (step 0 probes, adding allreduce calls that do not change the step)."""
     from conftest import tiny_bert_config
     from transformers import BertForSequenceClassification
 
@@ -77,7 +78,8 @@ def _build(method: str, hypergrad: str, opt: str, clip: float) -> tuple[Any, Any
             for p in inj.parameters():
                 p.add_(0.3 * torch.randn_like(p))
     cfg = TrainConfig(method=method, hypergrad=hypergrad, inner_lr=0.5 if method == "metaxl" else None,
-                      fd_epsilon=1e-3, max_grad_norm=clip, virtual_from_layer=0)
+                      fd_epsilon=1e-3, max_grad_norm=clip, virtual_from_layer=0,
+                      **({} if diagnostics else {"diagnostics_every": 0}))
 
     def make(params: list[torch.nn.Parameter], lr: float) -> tuple[torch.optim.Optimizer, Any]:
         o: torch.optim.Optimizer = (torch.optim.SGD(params, lr=lr) if opt == "sgd"
@@ -104,12 +106,12 @@ def _global_batches() -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Ten
     return [(batch(), batch(), batch()) for _ in range(STEPS)]
 
 
-def _run(name: str, rank: int = 0, world: int = 1) -> dict[str, list[torch.Tensor]]:
+def _run(name: str, rank: int = 0, world: int = 1, diagnostics: bool = True) -> dict[str, list[torch.Tensor]]:
     """STEPS steps of case ``name`` on this rank's shards; returns theta and phi (and the start)."""
     from metaxl.distributed import shard_batch
 
     _, method, hypergrad, opt, clip = _CASE[name]
-    model, inj, learner = _build(method, hypergrad, opt, clip)
+    model, inj, learner = _build(method, hypergrad, opt, clip, diagnostics)
     start = [p.detach().clone() for p in model.parameters()] + (
         [p.detach().clone() for p in inj.parameters()] if inj is not None else [])
     for src, tgt, meta in _global_batches():
@@ -142,7 +144,8 @@ def _worker(out_dir: str) -> None:
 
         meta_mod.allreduce_mean = patched  # type: ignore[assignment]
         try:
-            results[name] = _run(base, info.rank, info.world_size)
+            # without the diagnostics' probe, so call k of the step is the k-th averaging point
+            results[name] = _run(base, info.rank, info.world_size, diagnostics=False)
         finally:
             meta_mod.allreduce_mean = real
     torch.save(results, Path(out_dir) / f"rank{info.rank}.pt")
