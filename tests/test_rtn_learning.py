@@ -68,6 +68,23 @@ def test_inverse_lr_scale_divides_the_hypergradient_by_the_inner_lr():
     assert any(float(g.abs().max()) > 0 for g in grads["none"])
 
 
+def test_unit_scale_steps_phi_by_meta_lr_along_the_hypergradient():
+    """hypergrad_scale=unit: phi's SGD step is meta_lr long whatever the hypergradient's size, in
+    the direction of inverse-lr's hypergradient; the logged norm is the unscaled one."""
+    src, tgt, meta = _batch(4, 1), _batch(3, 2), _batch(3, 3)
+    steps, norms = {}, {}
+    for scale in ("inverse-lr", "unit"):
+        _, inj, learner = _learner("metaxl", init="xavier", meta_lr=0.01, inner_lr=0.25, hypergrad_scale=scale,
+                                   meta_batch="separate")
+        before = [p.detach().clone() for p in inj.parameters()]
+        norms[scale] = learner.step(src, 0, tgt, meta).phi_grad_norm
+        steps[scale] = torch.cat([(p.detach() - b).flatten() for p, b in zip(inj.parameters(), before, strict=True)])
+    assert float(steps["unit"].norm()) == pytest.approx(0.01, rel=1e-6)  # the norm is taken in float32
+    assert float(steps["inverse-lr"].norm()) != pytest.approx(0.01, rel=1e-3)
+    assert torch.allclose(steps["unit"], steps["inverse-lr"] / norms["inverse-lr"], rtol=1e-6, atol=1e-12)
+    assert norms["unit"] == pytest.approx(norms["inverse-lr"], rel=1e-12)
+
+
 def test_a_norm_preserving_rtn_turns_vectors_but_keeps_their_length():
     from metaxl.rtn import GatedRTN
 

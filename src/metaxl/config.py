@@ -35,7 +35,7 @@ RTN_VARIANTS = ("plain", "gated")
 RTN_INITS = ("xavier", "identity")
 RTN_NORMS = ("free", "preserve")
 META_OPTIMIZERS = ("adamw", "adam-l2")
-HYPERGRAD_SCALES = ("none", "inverse-lr")
+HYPERGRAD_SCALES = ("none", "inverse-lr", "unit")
 TASKS = ("auto", "ner", "sa")
 SA_LABELS = ("binary", "3way", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -133,7 +133,10 @@ class TrainConfig:
     hypergrad_scale: str = "none"
     """none: phi's gradient is d L_meta(theta') / d phi, proportional to the inner lr; inverse-lr:
     divided by the encoder's inner lr (per unit virtual step), so its size does not depend on the lr
-    or its warm-up and Adam sees values well above its epsilon."""
+    or its warm-up and Adam sees values well above its epsilon; unit: that direction scaled to norm 1
+    at every step (over all of phi), so a late step counts as much as an early one: the hypergradient
+    falls ~1000x as the losses fall, and Adam's second moment (beta2 0.999, a ~700-step memory) then
+    shrinks phi's late steps to a few thousandths of meta_lr."""
     diagnostics_every: int = 5
     """MetaXL: every this many steps, the meta loss of the step's batches at theta' before and after
     the phi step (eval mode, no dropout; 0: off). Costs about two forward+backward passes."""

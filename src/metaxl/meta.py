@@ -533,8 +533,9 @@ class Learner:
         """The factor ``a`` and the cotangents of ``dL_meta/dphi = -a d/dphi <g, A g'>`` (see
         :func:`lr_factor`). With ``hypergrad_scale=inverse-lr`` the hypergradient is taken per unit
         of the encoder's inner lr: ``a = 1`` and each tensor's lr relative to the encoder's (the
-        groups' ``initial_lr`` ratio, so the same at every point of the schedule, warm-up included)."""
-        if self.cfg.hypergrad_scale != "inverse-lr":
+        groups' ``initial_lr`` ratio, so the same at every point of the schedule, warm-up included);
+        ``unit`` takes the same direction (:meth:`metaxl_step` then scales it to norm 1)."""
+        if self.cfg.hypergrad_scale == "none":
             return lr_factor(g_meta, lrs)
         if not self.cfg.inner_lr_per_group:
             return 1.0, g_meta
@@ -845,14 +846,15 @@ class Learner:
         before = self.meta_loss_at_virtual(src, source, tgt, meta) if probe else None
         phi_grads, meta_loss, g_tgt, loss_t = self._hypergradient(src, source, tgt, meta)
         finite = all(torch.isfinite(d).all() for d in phi_grads)
+        phi_norm = math.sqrt(sum(float((d.float() ** 2).sum()) for d in phi_grads)) if finite else float("nan")
         if finite:
             self.hypergrad_stats.add(phi_grads)
+            unit = 1.0 / phi_norm if self.cfg.hypergrad_scale == "unit" and phi_norm > 0 else 1.0
             for p, d in zip(self.phi, phi_grads, strict=True):
-                p.grad = d.to(p.dtype)
+                p.grad = (d * unit).to(p.dtype)
             self.opt_phi.step()
         self.sched_phi.step()
         self.opt_phi.zero_grad(set_to_none=True)
-        phi_norm = math.sqrt(sum(float((d.float() ** 2).sum()) for d in phi_grads)) if finite else float("nan")
         meta_probe = None
         if before is not None:
             meta_probe = (before, self.meta_loss_at_virtual(src, source, tgt, meta))
