@@ -1,6 +1,6 @@
 #!/bin/bash
 # One-factor-at-a-time variations of the study's MetaXL run on NusaX balinese <- indonesian (binary,
-# seed 1): the settings docs/results.md reports under "What was tried" (meta lr, inner lr, RTN layer
+# seed 1): the settings docs/ablation.md reports (meta lr, inner lr, RTN layer
 # and variant, meta-batch split, a per-group virtual-step lr) and the cost options of docs/performance.md (finite differences,
 # a virtual step limited to the upper layers, trained word embeddings, the source gradient reused,
 # training batches grouped by length). Each run changes one thing
