@@ -85,6 +85,23 @@ def test_unit_scale_steps_phi_by_meta_lr_along_the_hypergradient():
     assert norms["unit"] == pytest.approx(norms["inverse-lr"], rel=1e-12)
 
 
+def test_source_weight_scales_the_source_gradient_of_the_step():
+    """JT with source_weight w takes the step of w * L_src + L_tgt (SGD: delta_w = w delta_src + delta_tgt)."""
+    src, tgt = _batch(4, 1), _batch(6, 2)
+    deltas = {}
+    for name, method, w in (("tgt", "target-only", 1.0), ("jt", "jt", 1.0), ("jt2", "jt", 2.5), ("jt0", "jt", 0.0)):
+        model, _, learner = _learner(method, source_weight=w)
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        learner.step(None if method == "target-only" else src, 0, tgt)
+        deltas[name] = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    delta_src = deltas["jt"] - deltas["tgt"]
+    assert float(delta_src.abs().max()) > 1e-6
+    assert torch.allclose(deltas["jt2"], 2.5 * delta_src + deltas["tgt"], rtol=0, atol=1e-12)
+    assert torch.allclose(deltas["jt0"], deltas["tgt"], rtol=0, atol=1e-12)
+    with pytest.raises(ConfigError, match="source_weight"):
+        TrainConfig(source_weight=-1.0).validate()
+
+
 def test_a_norm_preserving_rtn_turns_vectors_but_keeps_their_length():
     from metaxl.rtn import GatedRTN
 

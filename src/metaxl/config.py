@@ -116,6 +116,9 @@ class TrainConfig:
     batch_size: int = 10
     target_batch_size: int | None = None
     """Target batch size (None: batch_size)."""
+    source_weight: float = 1.0
+    """The source loss's weight in the training loss (every method with a source; the paper: 1). A JT
+    control for MetaXL: the meta objective rewards longer source vectors, i.e. a heavier source."""
     group_by_length: bool = False
     """Training batches of similar lengths (sorted within chunks of 50 batches, batch order
     shuffled): about half the padded tokens, faster steps where compute is the bottleneck (CPU);
@@ -269,6 +272,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1 (or omitted for all), got {v}")
         if self.method == "metaxl" and self.meta_batch == "split" and self.tgt_batch_size < 2:
             raise ConfigError("meta_batch=split needs a target batch of at least 2 (half trains, half is meta)")
+        if not self.source_weight >= 0:
+            raise ConfigError(f"source_weight must be >= 0 (1: the paper's plain sum), got {self.source_weight}")
         if self.lr <= 0 or self.meta_lr < 0:
             raise ConfigError(f"lr must be > 0 and meta_lr >= 0, got lr={self.lr} meta_lr={self.meta_lr}")
         if not 0 <= self.warmup < 1:

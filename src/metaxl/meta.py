@@ -571,13 +571,16 @@ class Learner:
         rtn: bool = True,
         fp32: bool = False,
     ) -> torch.Tensor:
-        """``L_src`` (through the RTN when ``rtn``) + ``L_tgt`` (never through the RTN); under the
-        run's autocast unless ``fp32`` (the finite-difference shifted forwards: see there)."""
+        """``w L_src`` (through the RTN when ``rtn``; ``w`` = ``source_weight``) + ``L_tgt`` (never
+        through the RTN); under the run's autocast unless ``fp32`` (the finite-difference shifted
+        forwards: see there)."""
         total: torch.Tensor | None = None
         with contextlib.nullcontext() if fp32 else self.autocast():
             if src is not None:
                 with self.source_context(), self._rtn(source) if rtn else contextlib.nullcontext():
                     total = batch_loss(self.model, src, params)
+                if self.cfg.source_weight != 1.0:
+                    total = total * self.cfg.source_weight
             if tgt is not None:
                 loss_t = batch_loss(self.model, tgt, params)
                 total = loss_t if total is None else total + loss_t

@@ -237,6 +237,7 @@ def effective_config(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     if method == "target-only":
         d["source"] = []
         d["source_size"] = None
+        d["source_weight"] = _DEFAULTS["source_weight"]
         reset += [*RTN_KEYS, *META_KEYS]
     elif method == "jt":
         reset += [*RTN_KEYS, *META_KEYS]
