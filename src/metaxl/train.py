@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from . import CallableModule
 from .config import TrainConfig
 from .data import Example
 from .errors import ConfigError, DataError, MetaXLError
@@ -1083,3 +1085,5 @@ def _undo_point(model: Any, injector: Any, learner: Any) -> Any:
     return StepUndo.take([model, injector], [learner.opt_theta, learner.sched_theta, learner.opt_phi,
                                              learner.sched_phi, learner.scaler])
 
+
+sys.modules[__name__].__class__ = CallableModule  # metaxl.train(cfg) is metaxl.api.train (see metaxl.CallableModule)
