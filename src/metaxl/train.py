@@ -374,7 +374,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
             end_epoch(run, state, epoch, record)
         if state.failure is not None:
             break
-    test_best_epoch(run, state)
+    evaluate_test_set(run, state)
     return finish(run, state, artifacts)
 
 
@@ -886,7 +886,7 @@ def epoch_row(run: Run, state: RunState, epoch: int, record: EpochRecord, dev_me
 
 
 # ---------------------------------------------------------------------------- finish
-def test_best_epoch(run: Run, state: RunState) -> None:
+def evaluate_test_set(run: Run, state: RunState) -> None:
     """The test set, once, on the best dev epoch's weights (not after every improvement: for NER,
     test sets of ~1,300 sentences made that half of a run's time on CPU), and the checkpoint."""
     if state.best is None:
