@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
-import importlib
 import io
 import json
 import pstats
@@ -113,7 +112,7 @@ def run(cfg: Any, profile: int = 0) -> dict[str, Any]:
     """Train ``cfg`` (with ``resume=True``, as sweeps do) and return the time of each phase."""
     import metaxl.meta
     import metaxl.tasks
-    tr = importlib.import_module("metaxl.train")  # the module (the package attribute is the API function)
+    import metaxl.train as tr
 
     timers = Timers()
     undo = [

@@ -17,12 +17,28 @@ FAST = dict(epochs=2, batch_size=8, target_size=16, source_size=24, lr=5e-4, met
 
 
 def test_the_public_names_import_and_the_training_module_stays_reachable():
-    import metaxl
+    import inspect
 
-    assert metaxl.train is train and train.__module__ == "metaxl.api"
-    loop = importlib.import_module("metaxl.train")
-    assert callable(loop.train) and loop.train is not train
-    assert importlib.import_module("metaxl.predict").predict_lines
+    import metaxl
+    import metaxl.api
+    import metaxl.predict as predict_module
+    import metaxl.train as loop  # the module (it used to bind the API function, issue 31)
+
+    assert metaxl.train is train is loop is importlib.import_module("metaxl.train")
+    assert callable(loop.batches) and callable(loop.train) and loop.train is not metaxl.api.train
+    assert predict_module is predict and callable(predict_module.predict_lines)
+    # called, each module is the API's function of its name, with that function's signature
+    assert inspect.signature(train) == inspect.signature(metaxl.api.train)
+    assert inspect.signature(predict) == inspect.signature(metaxl.api.predict)
+
+
+def test_calling_the_train_module_calls_the_api(monkeypatch):
+    import metaxl
+    import metaxl.api
+
+    seen = []
+    monkeypatch.setattr(metaxl.api, "train", lambda *a, **k: seen.append((a, k)) or "api")
+    assert metaxl.train("cfg", resume=True) == "api" and seen == [(("cfg",), {"resume": True})]
 
 
 def test_a_single_source_string_is_one_source_not_one_per_letter():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import os
 from pathlib import Path
@@ -138,7 +137,7 @@ def test_skip_restores_weights_and_optimiser_exactly(tiny_model):
 # ---------------------------------------------------------------------------- disks and folders
 def _fail_fsync_under(monkeypatch: Any, marker: str) -> None:
     import metaxl.guards as guards
-    tr = importlib.import_module("metaxl.train")  # the module (metaxl.train is the API function)
+    import metaxl.train as tr
 
     real = os.fsync
 

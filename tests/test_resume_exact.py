@@ -4,7 +4,6 @@ for every method, with steps per epoch (3) not a multiple of the target batches 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -83,7 +82,7 @@ def kill_in_step(monkeypatch: Any, n: int) -> None:
 
 
 def kill_in_evaluate(monkeypatch: Any, n: int) -> None:
-    tr = importlib.import_module("metaxl.train")  # the module (metaxl.train is the API function)
+    import metaxl.train as tr
 
     _kill_on_call(monkeypatch, tr, "evaluate", n)
 

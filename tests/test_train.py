@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 
@@ -110,7 +109,7 @@ def test_multi_source_and_backoff(toy_data, tiny_model, tmp_path):
 
 
 def test_resume_continues_after_interruption(toy_data, tiny_model, tmp_path, monkeypatch):
-    tr = importlib.import_module("metaxl.train")  # metaxl.train is the API function
+    import metaxl.train as tr
 
     cfg = _cfg(toy_data, tiny_model, tmp_path / "run", method="jt", epochs=3)
     calls = {"n": 0}
@@ -143,7 +142,7 @@ def test_resume_continues_after_interruption(toy_data, tiny_model, tmp_path, mon
 
 
 def test_test_set_is_evaluated_once_on_the_best_dev_epochs_weights(toy_data, tiny_model, tmp_path, monkeypatch):
-    tr = importlib.import_module("metaxl.train")  # metaxl.train is the API function
+    import metaxl.train as tr
 
     real = tr.evaluate
     dev_f1 = [50.0, 70.0, 60.0]  # epoch 2 is the best; epoch 3 trains further and is worse
@@ -239,7 +238,7 @@ def test_head_lr_puts_the_head_in_its_own_group(tiny_model):
 
 def test_no_state_saved_without_save_state_and_data_seed_none_follows_the_seed(toy_data, tiny_model, tmp_path,
                                                                                 monkeypatch):
-    tr = importlib.import_module("metaxl.train")  # metaxl.train is the API function
+    import metaxl.train as tr
 
     saved = []
     monkeypatch.setattr(tr, "_save_state", lambda *a, **k: saved.append(1))
@@ -300,7 +299,7 @@ def test_code_version_names_no_commit_outside_this_checkout(tmp_path, monkeypatc
     project) records the version only, never another repository's commit."""
     import subprocess
 
-    train_module = importlib.import_module("metaxl.train")
+    import metaxl.train as train_module
 
     other = tmp_path / "other-repo"
     (other / "pkg" / "metaxl").mkdir(parents=True)
@@ -363,7 +362,7 @@ def test_a_seed_gives_the_same_run_in_fresh_processes(toy_data, tiny_model, tmp_
 def test_state_save_leaves_out_frozen_parameters_and_resumes_exactly(toy_data, tiny_model, tmp_path, monkeypatch):
     """The per-epoch state holds no frozen parameter (the study freezes e5-small's 96M-parameter word
     embeddings: 0.38 GB a save); resuming from it is the uninterrupted run."""
-    tr = importlib.import_module("metaxl.train")  # the module (the package attribute is the API function)
+    import metaxl.train as tr
 
     cfg = _cfg(toy_data, tiny_model, tmp_path / "run", method="jt", epochs=2, freeze_embeddings=True)
     real = tr.evaluate

@@ -282,15 +282,7 @@ def collect_representations(
     torch.Size([3, 768])
     """
     inputs = _as_inputs(task, texts_or_examples)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if max_vectors is not None and max_vectors < 1:
-        raise ConfigError(f"max_vectors must be >= 1 (or None for all), got {max_vectors}")
-    if task == "ner" and not getattr(tokenizer, "is_fast", False):
-        raise ModelError(
-            "NER analysis needs a fast (Rust) tokenizer for word_ids(); load it with "
-            "AutoTokenizer.from_pretrained(..., use_fast=True)"
-        )
+    _check_collect_args(task, tokenizer, batch_size, max_vectors)
     index = resolve_layer(model, layer)
     if device is not None:
         model.to(device)
@@ -300,16 +292,7 @@ def collect_representations(
         run_device = torch.device("cpu")
     from tqdm.auto import tqdm
 
-    # Empty word lists have no vectors (and the tokenizer may reject them).
-    keep_idx = [i for i, x in enumerate(inputs) if not (task == "ner" and not x)]
-    # Tokenized once, unpadded; each batch is padded here (to its own longest row), and the batches
-    # are formed from length-sorted inputs (less padding); vectors go back to the given order.
-    encoded = tokenizer(
-        [inputs[i] for i in keep_idx], is_split_into_words=(task == "ner"), truncation=True,
-        max_length=max_length, return_attention_mask=True,
-    ) if keep_idx else None
-    row_of = {i: j for j, i in enumerate(keep_idx)}
-    order = sorted(keep_idx, key=lambda i: len(encoded["input_ids"][row_of[i]]))  # type: ignore[index]
+    encoded, row_of, order = _tokenize_once(tokenizer, task, inputs, max_length)
     per_input: dict[int, torch.Tensor] = {}
     was_training = bool(getattr(model, "training", False))
     model.eval()
@@ -320,29 +303,11 @@ def collect_representations(
                 idx = order[start : start + batch_size]
                 rows = [row_of[i] for i in idx]
                 enc, shifts = _pad_rows(tokenizer, encoded, rows)
-                feed = {k: v.to(run_device) for k, v in enc.items()}
-                out = model(**feed, output_hidden_states=True, return_dict=True)
-                hidden_states = getattr(out, "hidden_states", None)
-                if hidden_states is None:
-                    raise ModelError(f"{type(model).__name__} did not return hidden_states")
-                hidden = hidden_states[index]
-                if transform is not None:
-                    hidden = transform(hidden)
+                hidden = _layer_states(model, {k: v.to(run_device) for k, v in enc.items()}, index, transform)
                 if task == "ner":
-                    for b, i in enumerate(idx):
-                        previous, cols = None, []
-                        for pos, wid in enumerate(encoded.word_ids(rows[b])):  # type: ignore[union-attr]
-                            if wid is not None and wid != previous:
-                                cols.append(pos + shifts[b])
-                            previous = wid
-                        if cols:
-                            per_input[i] = hidden[b, torch.tensor(cols, device=hidden.device)].float().cpu()
+                    per_input.update(_word_vectors(hidden, encoded, idx, rows, shifts))
                 else:
-                    mask = enc["attention_mask"].to(hidden.device)
-                    first = mask.argmax(dim=1)  # first real token, also with left padding
-                    firsts = hidden[torch.arange(hidden.shape[0], device=hidden.device), first].float().cpu()
-                    for b, i in enumerate(idx):
-                        per_input[i] = firsts[b : b + 1]
+                    per_input.update(_sentence_vectors(hidden, enc["attention_mask"], idx))
     finally:
         model.train(was_training)
 
@@ -354,6 +319,69 @@ def collect_representations(
         keep = torch.randperm(vectors.shape[0], generator=gen)[:max_vectors].sort().values
         vectors = vectors[keep]
     return vectors
+
+
+def _tokenize_once(tokenizer: Any, task: str, inputs: list[Any], max_length: int
+                   ) -> tuple[Any, dict[int, int], list[int]]:
+    """The inputs tokenized once, unpadded (each batch is padded to its own longest row), the row of
+    each input in that encoding, and the inputs in order of length (batches of similar lengths pad
+    less; the vectors go back to the given order). Empty word lists are left out: they have no
+    vectors (and the tokenizer may reject them)."""
+    keep_idx = [i for i, x in enumerate(inputs) if not (task == "ner" and not x)]
+    encoded = tokenizer(
+        [inputs[i] for i in keep_idx], is_split_into_words=(task == "ner"), truncation=True,
+        max_length=max_length, return_attention_mask=True,
+    ) if keep_idx else None
+    row_of = {i: j for j, i in enumerate(keep_idx)}
+    order = sorted(keep_idx, key=lambda i: len(encoded["input_ids"][row_of[i]]))  # type: ignore[index]
+    return encoded, row_of, order
+
+
+def _layer_states(model: Any, feed: dict[str, torch.Tensor], index: int,
+                  transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """``hidden_states[index]`` of ``model`` on a batch, through ``transform`` if given."""
+    out = model(**feed, output_hidden_states=True, return_dict=True)
+    hidden_states = getattr(out, "hidden_states", None)
+    if hidden_states is None:
+        raise ModelError(f"{type(model).__name__} did not return hidden_states")
+    hidden = hidden_states[index]
+    return transform(hidden) if transform is not None else hidden
+
+
+def _check_collect_args(task: str, tokenizer: Any, batch_size: int, max_vectors: int | None) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if max_vectors is not None and max_vectors < 1:
+        raise ConfigError(f"max_vectors must be >= 1 (or None for all), got {max_vectors}")
+    if task == "ner" and not getattr(tokenizer, "is_fast", False):
+        raise ModelError(
+            "NER analysis needs a fast (Rust) tokenizer for word_ids(); load it with "
+            "AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
+
+
+def _word_vectors(hidden: torch.Tensor, encoded: Any, idx: Sequence[int], rows: Sequence[int],
+                  shifts: Sequence[int]) -> dict[int, torch.Tensor]:
+    """NER: per input, the vectors of its words' first sub-words (inputs whose words were all cut
+    off by ``max_length`` have none)."""
+    out: dict[int, torch.Tensor] = {}
+    for b, i in enumerate(idx):
+        previous, cols = None, []
+        for pos, wid in enumerate(encoded.word_ids(rows[b])):
+            if wid is not None and wid != previous:
+                cols.append(pos + shifts[b])
+            previous = wid
+        if cols:
+            out[i] = hidden[b, torch.tensor(cols, device=hidden.device)].float().cpu()
+    return out
+
+
+def _sentence_vectors(hidden: torch.Tensor, attention_mask: torch.Tensor, idx: Sequence[int]
+                      ) -> dict[int, torch.Tensor]:
+    """SA: per input, the vector of its first real token ([CLS] / <s>), also with left padding."""
+    first = attention_mask.to(hidden.device).argmax(dim=1)
+    firsts = hidden[torch.arange(hidden.shape[0], device=hidden.device), first].float().cpu()
+    return {i: firsts[b : b + 1] for b, i in enumerate(idx)}
 
 
 def _pad_rows(tokenizer: Any, encoded: Any, rows: Sequence[int]) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -479,34 +507,9 @@ def plot_pca(
     fig, axes = plt.subplots(
         rows, cols, figsize=(4.6 * cols, 4.6 * rows + (0.4 if title else 0)), squeeze=False
     )
-    colours = {"source": "#1f77b4", "target": "#d62728"}
     try:
         for ax, panel in zip(axes.flat, panels, strict=False):
-            name, src, tgt = panel[0], panel[1], panel[2]
-            h = float(panel[3]) if len(panel) > 3 else hausdorff_cosine(src, tgt)  # type: ignore[misc]
-            src_np, tgt_np = _to_numpy(src), _to_numpy(tgt)
-            s2, t2 = pca_2d(
-                [_subsample_rows(src_np, max_points, seed), _subsample_rows(tgt_np, max_points, seed + 1)]
-            )
-            size = 6 if max(len(s2), len(t2)) > 500 else 14
-            alpha = 0.35 if max(len(s2), len(t2)) > 500 else 0.6
-            for role, xy, n_all, label in (
-                ("source", s2, len(src_np), source_name),
-                ("target", t2, len(tgt_np), target_name),
-            ):
-                shown = f", {len(xy)} shown" if len(xy) < n_all else ""
-                ax.scatter(xy[:, 0], xy[:, 1], s=size, alpha=alpha, c=colours[role], marker="o",
-                           linewidths=0, label=f"{label} ({role}, n={n_all}{shown})", rasterized=True)  # fmt: skip
-            ax.set_title(f"{name}\nHausdorff = {h:.3f}", fontsize=11)
-            ax.set_aspect("equal", adjustable="datalim")
-            ax.set_xlabel("PC 1", fontsize=9)
-            ax.set_ylabel("PC 2", fontsize=9)
-            ax.tick_params(labelsize=8)
-            ax.grid(True, linewidth=0.4, alpha=0.4)
-            leg = ax.legend(loc="best", fontsize=8, markerscale=2.5, framealpha=0.85)
-            for handle in leg.legend_handles:
-                if handle is not None:
-                    handle.set_alpha(1.0)
+            _draw_panel(ax, panel, source_name, target_name, max_points, seed)
         for ax in list(axes.flat)[k:]:
             ax.axis("off")
         if title:
@@ -516,6 +519,39 @@ def plot_pca(
     finally:
         plt.close(fig)
     return path
+
+
+_COLOURS = {"source": "#1f77b4", "target": "#d62728"}
+
+
+def _draw_panel(ax: Any, panel: Panel, source_name: str, target_name: str, max_points: int | None, seed: int
+                ) -> None:
+    """One model's PCA scatter (source and target points), its Hausdorff distance in the title."""
+    name, src, tgt = panel[0], panel[1], panel[2]
+    h = float(panel[3]) if len(panel) > 3 else hausdorff_cosine(src, tgt)  # type: ignore[misc]
+    src_np, tgt_np = _to_numpy(src), _to_numpy(tgt)
+    s2, t2 = pca_2d(
+        [_subsample_rows(src_np, max_points, seed), _subsample_rows(tgt_np, max_points, seed + 1)]
+    )
+    size = 6 if max(len(s2), len(t2)) > 500 else 14
+    alpha = 0.35 if max(len(s2), len(t2)) > 500 else 0.6
+    for role, xy, n_all, label in (
+        ("source", s2, len(src_np), source_name),
+        ("target", t2, len(tgt_np), target_name),
+    ):
+        shown = f", {len(xy)} shown" if len(xy) < n_all else ""
+        ax.scatter(xy[:, 0], xy[:, 1], s=size, alpha=alpha, c=_COLOURS[role], marker="o",
+                   linewidths=0, label=f"{label} ({role}, n={n_all}{shown})", rasterized=True)  # fmt: skip
+    ax.set_title(f"{name}\nHausdorff = {h:.3f}", fontsize=11)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel("PC 1", fontsize=9)
+    ax.set_ylabel("PC 2", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, linewidth=0.4, alpha=0.4)
+    leg = ax.legend(loc="best", fontsize=8, markerscale=2.5, framealpha=0.85)
+    for handle in leg.legend_handles:
+        if handle is not None:
+            handle.set_alpha(1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,27 +603,18 @@ def analyze_checkpoints(
     >>> analyze_checkpoints(["runs/jt/checkpoint", "runs/metaxl/checkpoint"],
     ...                     "masakhaner2:en", "masakhaner2:luo", out_dir="analysis")  # doctest: +SKIP
     """
-    from .checkpoint import load_checkpoint
     from .data import resolve_dataset, subsample
 
-    if not checkpoints:
-        raise ConfigError("give at least one checkpoint folder to analyse")
-    if labels_for_panels is not None and len(labels_for_panels) != len(checkpoints):
-        raise ConfigError(
-            f"{len(labels_for_panels)} panel name(s) for {len(checkpoints)} checkpoint(s); "
-            "give exactly one name per checkpoint (--names JT,MetaXL)"
-        )
-    if n_examples is not None and n_examples < 1:
-        raise ConfigError(f"n_examples must be >= 1 (or None for all), got {n_examples}")
+    _check_analysis_args(checkpoints, labels_for_panels, n_examples)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     data_cache: dict[tuple[str, str, str], list[Any]] = {}
 
-    def examples(spec: str, task: str, sa_labels: str) -> list[Any]:
-        key = (spec, task, sa_labels)
+    def examples(spec: str, ckpt: _Analysed) -> list[Any]:
+        key = (spec, ckpt.task, ckpt.sa_labels)
         if key not in data_cache:
-            corpus = resolve_dataset(spec, data_dir, task=task, sa_labels=sa_labels)
+            corpus = resolve_dataset(spec, data_dir, task=ckpt.task, sa_labels=ckpt.sa_labels)
             loaded = corpus.load(split)
             if not loaded:
                 raise DataError(f"{spec}: the {split!r} split is empty; choose another with --split")
@@ -598,71 +625,104 @@ def analyze_checkpoints(
     panels: list[Panel] = []
     task_seen: str | None = None
     for k, ckpt in enumerate(checkpoints):
-        loaded = load_checkpoint(ckpt, device)
-        task = loaded.task
-        if task_seen is not None and task != task_seen:
-            raise ConfigError(
-                f"{ckpt} is a {task!r} model but the previous checkpoint(s) are {task_seen!r}; "
-                "analyse checkpoints of one task together"
-            )
-        task_seen = task
-        meta = loaded.meta if isinstance(loaded.meta, dict) else {}
-        config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-        sa_labels = str(config.get("sa_labels", "binary")) if config else "binary"
-        max_length = int(
-            getattr(loaded, "max_length", None)
-            or meta.get("max_length")
-            or (config or {}).get("max_length")
-            or 128
-        )
-        resolved_layer = resolve_layer(loaded.model, layer)
-        name = labels_for_panels[k] if labels_for_panels is not None else _default_name(ckpt, meta)
-        vecs = {}
-        for role, spec in (("source", source_spec), ("target", target_spec)):
-            vecs[role] = collect_representations(
-                loaded.model,
-                loaded.tokenizer,
-                task,
-                examples(spec, task, sa_labels),
-                resolved_layer,
-                batch_size=batch_size,
-                max_length=max_length,
-                max_vectors=max_vectors,
-                seed=seed,
-                progress=progress,
-                desc=f"{name}: {role} {spec}",
-            )
-            if vecs[role].shape[0] == 0:
-                raise DataError(f"{spec} ({split}): no vectors were produced; is the split empty?")
-        res = hausdorff_cosine_both(vecs["source"], vecs["target"])
-        records.append(
-            {
-                "name": name,
-                "path": str(ckpt),
-                "task": task,
-                "layer": resolved_layer,
-                "n_source": int(vecs["source"].shape[0]),
-                "n_target": int(vecs["target"].shape[0]),
-                "hausdorff": res.hausdorff,
-                "source_to_target": res.a_to_b,
-                "target_to_source": res.b_to_a,
-            }
-        )
-        panels.append((name, vecs["source"].numpy(), vecs["target"].numpy(), res.hausdorff))
+        loaded = _load_for_analysis(ckpt, device, task_seen)
+        task_seen = loaded.task
+        name = labels_for_panels[k] if labels_for_panels is not None else _default_name(ckpt, loaded.meta)
+        record, vecs = _compare(loaded, name, ckpt, layer, {"source": source_spec, "target": target_spec},
+                                examples, split,
+                                batch_size=batch_size, max_vectors=max_vectors, seed=seed, progress=progress)
+        records.append(record)
+        panels.append((name, vecs["source"].numpy(), vecs["target"].numpy(), record["hausdorff"]))
         del loaded, vecs
+    if labels_for_panels is None:
+        _distinguish_names(records, panels)
+    return _write_analysis(out, records, panels, source_spec, target_spec, split, task_seen, n_examples)
 
-    # make duplicate default names distinguishable
-    names = [r["name"] for r in records]
-    if labels_for_panels is None and len(set(names)) < len(names):
-        for r, (i, p) in zip(records, enumerate(panels), strict=True):
-            if names.count(r["name"]) > 1:
-                r["name"] = f"{r['name']} ({_folder_label(r['path'])})"
-                panels[i] = (r["name"], *p[1:])  # type: ignore[assignment]
 
+def _check_analysis_args(checkpoints: Sequence[str], labels_for_panels: Sequence[str] | None,
+                         n_examples: int | None) -> None:
+    if not checkpoints:
+        raise ConfigError("give at least one checkpoint folder to analyse")
+    if labels_for_panels is not None and len(labels_for_panels) != len(checkpoints):
+        raise ConfigError(
+            f"{len(labels_for_panels)} panel name(s) for {len(checkpoints)} checkpoint(s); "
+            "give exactly one name per checkpoint (--names JT,MetaXL)"
+        )
+    if n_examples is not None and n_examples < 1:
+        raise ConfigError(f"n_examples must be >= 1 (or None for all), got {n_examples}")
+
+
+@dataclass
+class _Analysed:
+    """A loaded checkpoint with what its analysis needs from its record."""
+
+    model: Any
+    tokenizer: Any
+    task: str
+    meta: dict[str, Any]
+    sa_labels: str
+    max_length: int
+
+
+def _load_for_analysis(ckpt: str, device: str, task_seen: str | None) -> _Analysed:
+    """The checkpoint, its task (the same as the checkpoints before it), its SA label set and the
+    max_length it was trained with."""
+    from .checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ckpt, device)
+    task = loaded.task
+    if task_seen is not None and task != task_seen:
+        raise ConfigError(
+            f"{ckpt} is a {task!r} model but the previous checkpoint(s) are {task_seen!r}; "
+            "analyse checkpoints of one task together"
+        )
+    meta = loaded.meta if isinstance(loaded.meta, dict) else {}
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    sa_labels = str(config.get("sa_labels", "binary")) if config else "binary"
+    max_length = int(
+        getattr(loaded, "max_length", None)
+        or meta.get("max_length")
+        or (config or {}).get("max_length")
+        or 128
+    )
+    return _Analysed(loaded.model, loaded.tokenizer, task, meta, sa_labels, max_length)
+
+
+def _compare(loaded: _Analysed, name: str, ckpt: str, layer: int | None, specs: dict[str, str],
+             examples: Callable[[str, _Analysed], list[Any]], split: str, **collect: Any
+             ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One checkpoint's record (Hausdorff distances, sizes) and its source and target vectors."""
+    resolved_layer = resolve_layer(loaded.model, layer)
+    vecs = {}
+    for role, spec in specs.items():
+        vecs[role] = collect_representations(
+            loaded.model, loaded.tokenizer, loaded.task, examples(spec, loaded), resolved_layer,
+            max_length=loaded.max_length, desc=f"{name}: {role} {spec}", **collect,
+        )
+        if vecs[role].shape[0] == 0:
+            raise DataError(f"{spec} ({split}): no vectors were produced; is the split empty?")
+    res = hausdorff_cosine_both(vecs["source"], vecs["target"])
+    record = {
+        "name": name,
+        "path": str(ckpt),
+        "task": loaded.task,
+        "layer": resolved_layer,
+        "n_source": int(vecs["source"].shape[0]),
+        "n_target": int(vecs["target"].shape[0]),
+        "hausdorff": res.hausdorff,
+        "source_to_target": res.a_to_b,
+        "target_to_source": res.b_to_a,
+    }
+    return record, vecs
+
+
+def _write_analysis(out: Path, records: list[dict[str, Any]], panels: list[Panel], source_spec: str,
+                    target_spec: str, split: str, task: str | None, n_examples: int | None) -> dict[str, Any]:
+    """``pca.png`` (one panel per checkpoint) and ``hausdorff.json``; returns the JSON dict."""
     json_path = out / "hausdorff.json"
     png_path = out / "pca.png"
     layers = sorted({r["layer"] for r in records})
-    what = "sentence ([CLS]) vectors" if task_seen == "sa" else "token vectors"
+    what = "sentence ([CLS]) vectors" if task == "sa" else "token vectors"
     plot_pca(
         panels,
         png_path,
@@ -674,7 +734,7 @@ def analyze_checkpoints(
         "source": source_spec,
         "target": target_spec,
         "split": split,
-        "task": task_seen,
+        "task": task,
         "n_examples": n_examples,
         "distance": "cosine (1 - cos)",
         "checkpoints": records,
@@ -683,6 +743,16 @@ def analyze_checkpoints(
     }
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _distinguish_names(records: list[dict[str, Any]], panels: list[Panel]) -> None:
+    """Default names that repeat (two JT checkpoints) get their folder's name appended."""
+    names = [r["name"] for r in records]
+    if len(set(names)) < len(names):
+        for r, (i, p) in zip(records, enumerate(panels), strict=True):
+            if names.count(r["name"]) > 1:
+                r["name"] = f"{r['name']} ({_folder_label(r['path'])})"
+                panels[i] = (r["name"], *p[1:])  # type: ignore[assignment]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -145,32 +145,9 @@ def model_card(meta: dict[str, Any]) -> str:
     import yaml
 
     cfg = dict(meta.get("config") or {})
-    task, labels = meta.get("task", "?"), list(meta.get("labels", []))
-    method = cfg.get("method", "?")
-    sizes = meta.get("sizes") or {}
-    sources = list(cfg.get("source") or []) if method != "target-only" else []
-    src_sizes = sizes.get("source_train") or []
-    test, dev = meta.get("test") or {}, meta.get("dev") or {}
+    task, method, target = meta.get("task", "?"), cfg.get("method", "?"), cfg.get("target", "?")
     pipeline = "token-classification" if task == "ner" else "text-classification"
-    target = cfg.get("target", "?")
-    target_row = f"{target}: {_fmt(sizes.get('target_train'))} training examples, dev {_fmt(sizes.get('dev'))}, " \
-                 f"test {_fmt(sizes.get('test'))}" if sizes else str(target)
-    rows = [("method", method + (f" (RTN after layer(s) {', '.join(map(str, cfg.get('rtn_layers', [])))}, "
-                                 "not part of this model)" if method in ("jt-rtn", "metaxl") else "")),
-            ("task", f"{task}, {len(labels)} labels: {', '.join(labels)}"),
-            ("target language", target_row)]
-    if sources:
-        rows.append(("source language(s)", "; ".join(
-            f"{s}: {_fmt(src_sizes[i]) if i < len(src_sizes) else '?'} training examples" for i, s in enumerate(sources))))
-    rows.append(("base model", str(cfg.get("model", "?"))))
-    if meta.get("vocab_added"):
-        rows.append(("vocabulary", f"{meta['vocab_added']} target subword pieces added (paper Appendix C)"))
-    rows.append(("best dev epoch", f"{_fmt(meta.get('epoch'))} of {_fmt(cfg.get('epochs'))}"))
-    rows.append(("dev f1", _fmt(dev.get("f1"))))
-    rows.append(("test f1", _fmt(test.get("f1")) + (f" ({test['headline']})" if test.get("headline") else "")))
-    for key in ("accuracy", "macro_f1"):
-        if key in test:
-            rows.append((f"test {key}", _fmt(test[key])))
+    rows = _card_rows(meta, cfg)
     table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     auto = "AutoModelForTokenClassification" if task == "ner" else "AutoModelForSequenceClassification"
     return f"""---
@@ -206,6 +183,36 @@ the best dev epoch's weights). `metaxl.json` holds the label map and the full tr
 {yaml.safe_dump(cfg, sort_keys=False).rstrip()}
 ```
 """
+
+def _card_rows(meta: dict[str, Any], cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    """The model card's table: method, task, languages and sizes, base model, metrics."""
+    task, labels = meta.get("task", "?"), list(meta.get("labels", []))
+    method = cfg.get("method", "?")
+    sizes = meta.get("sizes") or {}
+    sources = list(cfg.get("source") or []) if method != "target-only" else []
+    src_sizes = sizes.get("source_train") or []
+    test, dev = meta.get("test") or {}, meta.get("dev") or {}
+    target = cfg.get("target", "?")
+    target_row = f"{target}: {_fmt(sizes.get('target_train'))} training examples, dev {_fmt(sizes.get('dev'))}, " \
+                 f"test {_fmt(sizes.get('test'))}" if sizes else str(target)
+    rows = [("method", method + (f" (RTN after layer(s) {', '.join(map(str, cfg.get('rtn_layers', [])))}, "
+                                 "not part of this model)" if method in ("jt-rtn", "metaxl") else "")),
+            ("task", f"{task}, {len(labels)} labels: {', '.join(labels)}"),
+            ("target language", target_row)]
+    if sources:
+        rows.append(("source language(s)", "; ".join(
+            f"{s}: {_fmt(src_sizes[i]) if i < len(src_sizes) else '?'} training examples" for i, s in enumerate(sources))))
+    rows.append(("base model", str(cfg.get("model", "?"))))
+    if meta.get("vocab_added"):
+        rows.append(("vocabulary", f"{meta['vocab_added']} target subword pieces added (paper Appendix C)"))
+    rows.append(("best dev epoch", f"{_fmt(meta.get('epoch'))} of {_fmt(cfg.get('epochs'))}"))
+    rows.append(("dev f1", _fmt(dev.get("f1"))))
+    rows.append(("test f1", _fmt(test.get("f1")) + (f" ({test['headline']})" if test.get("headline") else "")))
+    for key in ("accuracy", "macro_f1"):
+        if key in test:
+            rows.append((f"test {key}", _fmt(test[key])))
+    return rows
+
 # ---------------------------------------------------------------------------- the per-epoch training state
 def training_state_dict(model: Any) -> dict[str, Any]:
     """What of ``model`` a resumable training state must hold: every entry of its state dict but

@@ -367,56 +367,7 @@ def read_classification(
     path = Path(path)
     text = _read_text(path)
     suffix = path.suffix.lower()
-    rows: list[tuple[int, dict[str, Any]]] = []
-    if suffix in (".jsonl", ".json"):
-        stripped = text.lstrip()
-        if suffix == ".json" and stripped.startswith("["):
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
-            for i, item in enumerate(items, start=1):
-                if not isinstance(item, dict):
-                    raise DataError(f"{path}: item {i} is {_short(str(item))}, expected an object with text and label")
-                rows.append((i, item))
-        else:
-            for lineno, line in enumerate(_split_lines(text), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}:{lineno}: not a JSON object ({e.msg}): {_short(line)}; JSONL needs one "
-                        f"object per line"
-                    ) from None
-                if not isinstance(item, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {_short(line)}")
-                rows.append((lineno, item))
-    else:
-        delimiter = "," if suffix == ".csv" else "\t"
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-        header: list[str] | None = None
-        start = 1
-        try:
-            for row in reader:
-                lineno, start = start, reader.line_num + 1
-                if not row or all(not cell.strip() for cell in row):
-                    continue
-                if header is None:
-                    header = [cell.strip() for cell in row]
-                    continue
-                if len(row) != len(header):
-                    raise DataError(
-                        f"{path}:{lineno}: {len(row)} columns, but the header ({', '.join(header)}) has "
-                        f"{len(header)}; quote fields that contain {'commas' if delimiter == ',' else 'tabs'} "
-                        f'with double quotes ("...")'
-                    )
-                rows.append((lineno, dict(zip(header, row, strict=True))))
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: malformed {suffix.lstrip('.') or 'TSV'} ({e}); fix the quoting") from None
-        if header is None:
-            raise DataError(f"{path}: empty file; expected a header line (e.g. text,label) and one row per example")
+    rows = _json_rows(path, text, suffix) if suffix in (".jsonl", ".json") else _delimited_rows(path, text, suffix)
     if not rows:
         raise DataError(f"{path}: no examples found; expected one text and label per row")
 
@@ -438,17 +389,7 @@ def read_classification(
             raise DataError(f"{path}:{lineno}: missing text ({tcol!r}); every row needs a text")
         if raw is None or _raw_label(raw) == "":
             raise DataError(f"{path}:{lineno}: missing label ({lcol!r}); every row needs a label")
-        label: str | None = _raw_label(raw)
-        if label_map is not None:
-            try:
-                if callable(label_map):
-                    label = label_map(_raw_label(raw))
-                else:
-                    if _raw_label(raw) not in label_map:
-                        raise ValueError(f"known labels: {', '.join(map(str, label_map))}")
-                    label = label_map[_raw_label(raw)]
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: label {_raw_label(raw)!r} cannot be mapped ({e})") from None
+        label = _map_label(_raw_label(raw), label_map, f"{path}:{lineno}")
         if label is None:
             dropped += 1
             continue
@@ -462,6 +403,78 @@ def read_classification(
             f"(e.g. neutral rows with sa_labels=binary); use --sa-labels 3way or other data"
         )
     return examples
+
+
+def _json_rows(path: Path, text: str, suffix: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line or item number, object) of a JSONL file, or of a ``.json`` file holding one array."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
+        for i, item in enumerate(items, start=1):
+            if not isinstance(item, dict):
+                raise DataError(f"{path}: item {i} is {_short(str(item))}, expected an object with text and label")
+            rows.append((i, item))
+        return rows
+    for lineno, line in enumerate(_split_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{lineno}: not a JSON object ({e.msg}): {_short(line)}; JSONL needs one "
+                f"object per line"
+            ) from None
+        if not isinstance(item, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {_short(line)}")
+        rows.append((lineno, item))
+    return rows
+
+
+def _delimited_rows(path: Path, text: str, suffix: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row by column name) of a CSV (``.csv``) or TSV file with a header line."""
+    delimiter = "," if suffix == ".csv" else "\t"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    header: list[str] | None = None
+    start = 1
+    try:
+        for row in reader:
+            lineno, start = start, reader.line_num + 1
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [cell.strip() for cell in row]
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}:{lineno}: {len(row)} columns, but the header ({', '.join(header)}) has "
+                    f"{len(header)}; quote fields that contain {'commas' if delimiter == ',' else 'tabs'} "
+                    f'with double quotes ("...")'
+                )
+            rows.append((lineno, dict(zip(header, row, strict=True))))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed {suffix.lstrip('.') or 'TSV'} ({e}); fix the quoting") from None
+    if header is None:
+        raise DataError(f"{path}: empty file; expected a header line (e.g. text,label) and one row per example")
+    return rows
+
+
+def _map_label(raw: str, label_map: LabelMap | None, where: str) -> str | None:
+    """``raw`` through ``label_map`` (a dict or a function; None drops the row)."""
+    if label_map is None:
+        return raw
+    try:
+        if callable(label_map):
+            return label_map(raw)
+        if raw not in label_map:
+            raise ValueError(f"known labels: {', '.join(map(str, label_map))}")
+        return label_map[raw]
+    except ValueError as e:
+        raise DataError(f"{where}: label {raw!r} cannot be mapped ({e})") from None
 
 
 def _check_label_typos(path: Path, labels: Sequence[str], lines: Sequence[int]) -> None:
@@ -882,7 +895,20 @@ def resolve_dataset(
     if path.is_file():
         return _file_corpus(path, task, sa_labels)
 
-    head, sep, lang = spec.partition(":")
+    corpus, lang = _corpus_and_language(spec, path, data_dir)
+    name = f"{corpus}:{lang}" if lang else corpus
+    ctask = _TASK_OF[corpus]
+    if task is not None and task != ctask:
+        raise ConfigError(f"task={task} but {name} is a{'n NER' if ctask == 'ner' else ' sentiment'} data set; use task={ctask} or auto")
+    if corpus in ("masakhaner2", "nusax"):
+        return _downloadable_corpus(spec, corpus, name, lang, data_dir, sa_labels)
+    return _other_corpus(spec, corpus, name, lang, data_dir, sa_labels)
+
+
+def _corpus_and_language(spec: str, path: Path, data_dir: str | Path | None) -> tuple[str, str]:
+    """A data set name's corpus (aliases resolved) and language (lower case; NusaX ISO codes
+    resolved; "" for the corpora without languages)."""
+    head, _, lang = spec.partition(":")
     corpus = _CORPUS_ALIASES.get(head.strip().lower())
     if corpus is None:
         raise DataError(
@@ -906,37 +932,45 @@ def resolve_dataset(
     lang = lang.lower()
     if corpus == "nusax":
         lang = _NUSAX_CODES.get(lang, lang)
-    name = f"{corpus}:{lang}" if lang else corpus
+    return corpus, lang
+
+
+def _downloadable_corpus(spec: str, corpus: str, name: str, lang: str, data_dir: str | Path | None,
+                         sa_labels: str) -> Corpus:
+    """MasakhaNER 2.0 and NusaX: a local folder, else the demo subset shipped with metaxl, else an
+    error saying how to download it."""
     ctask = _TASK_OF[corpus]
-    if task is not None and task != ctask:
-        raise ConfigError(f"task={task} but {name} is a{'n NER' if ctask == 'ner' else ' sentiment'} data set; use task={ctask} or auto")
-
-    if corpus in ("masakhaner2", "nusax"):
-        folder, looked = _find_local(corpus, lang, data_dir)
-        label_map = (lambda v: nusax_label(v, sa_labels)) if corpus == "nusax" else None
-        if folder is None:
-            packaged = _packaged_corpus(corpus, name, lang, ctask, sa_labels, label_map)
-            if packaged is not None:
-                return packaged
-            from .download import languages
-
-            langs = available_languages(corpus, data_dir)
-            if langs and lang not in languages(corpus):
-                raise DataError(
-                    f"{spec}: unknown {corpus} language {lang!r}; available: {', '.join(langs)} (here); "
-                    f"metaxl data download {corpus}:<lang> fetches {', '.join(languages(corpus))}"
-                )
-            raise _absent(corpus, name, spec, looked, data_dir)
-        return _folder_corpus(name, folder, ctask, sa_labels, label_map)
-
-    folder, looked = _find_local(corpus, lang or None, data_dir)
-    label_map2: LabelMap | None = None
-    if corpus == "marc":
-        label_map2 = _marc_map(sa_labels)
-    elif corpus == "sentipers":
-        label_map2 = _sentipers_map(sa_labels)
+    folder, looked = _find_local(corpus, lang, data_dir)
+    label_map = (lambda v: nusax_label(v, sa_labels)) if corpus == "nusax" else None
     if folder is not None:
-        return _folder_corpus(name, folder, ctask, sa_labels, label_map2)
+        return _folder_corpus(name, folder, ctask, sa_labels, label_map)
+    packaged = _packaged_corpus(corpus, name, lang, ctask, sa_labels, label_map)
+    if packaged is not None:
+        return packaged
+    from .download import languages
+
+    langs = available_languages(corpus, data_dir)
+    if langs and lang not in languages(corpus):
+        raise DataError(
+            f"{spec}: unknown {corpus} language {lang!r}; available: {', '.join(langs)} (here); "
+            f"metaxl data download {corpus}:<lang> fetches {', '.join(languages(corpus))}"
+        )
+    raise _absent(corpus, name, spec, looked, data_dir)
+
+
+def _other_corpus(spec: str, corpus: str, name: str, lang: str, data_dir: str | Path | None,
+                  sa_labels: str) -> Corpus:
+    """WikiAnn and MARC (a local folder, else the Hugging Face hub), SentiPers and Sentiraama (a
+    local folder only)."""
+    ctask = _TASK_OF[corpus]
+    folder, looked = _find_local(corpus, lang or None, data_dir)
+    label_map: LabelMap | None = None
+    if corpus == "marc":
+        label_map = _marc_map(sa_labels)
+    elif corpus == "sentipers":
+        label_map = _sentipers_map(sa_labels)
+    if folder is not None:
+        return _folder_corpus(name, folder, ctask, sa_labels, label_map)
     if corpus in ("wikiann", "marc"):
         return Corpus(name, ctask, _hub_loader(corpus, lang, spec, sa_labels, looked),
                       f"hub:{HUB_IDS[corpus][0]}/{lang}")

@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
+
+from . import CallableModule
 
 
 def predict_lines(loaded: Any, lines: list[str], device: torch.device | str = "cpu",
@@ -41,3 +44,6 @@ def predict_lines(loaded: Any, lines: list[str], device: torch.device | str = "c
     probs = probabilities(logits, id2label)
     return [{"text": e.text, "label": p, "probability": pr[p], "probabilities": pr}
             for e, p, pr in zip(examples, preds, probs, strict=True)]
+
+
+sys.modules[__name__].__class__ = CallableModule  # metaxl.predict(...) is metaxl.api.predict (see metaxl.CallableModule)

@@ -536,76 +536,23 @@ def expand_sweep(
     if isinstance(spec, dict):
         spec = SweepSpec.from_dict(spec)
     stats = stats if stats is not None else ExpansionStats()
-    where = spec.where
-    fields = set(TrainConfig.field_names())
-    base: dict[str, Any] = {}
-    for key, value in spec.base.items():
-        fname = GRID_ALIASES.get(key, key) if key not in fields else key
-        if fname not in fields:
-            raise ConfigError(
-                f"{where}: base.{key}: unknown key; valid keys: {', '.join(TrainConfig.field_names())}"
-            )
-        if fname == "output_dir":
-            raise ConfigError(
-                f"{where}: base.output_dir: the sweep sets each run's output_dir; use --runs-dir"
-            )
-        base[fname] = _coerce(fname, value, f"{where}: base.{key}")
-    base.setdefault("progress", False)
+    base = _base_config(spec)
     axes = _grid_axes(spec)
     rules = _compile_rules(spec)
     extra_keys = [k for k, _ in axes if k not in STANDARD_AXES and k != "seed"]
     keys = [k for k, _ in axes]
-    related_cache: dict[str, list[str]] = {}
-    related_fn = related
-
-    def resolve(target: str, sources: list[str], raw_desc: str) -> list[str]:
-        nonlocal related_fn
-        out = []
-        for s in sources:
-            if s != RELATED:
-                out.append(s)
-                continue
-            if target not in related_cache:
-                if related_fn is None:
-                    related_fn = _default_related()
-                try:
-                    got = related_fn(target)
-                except MetaXLError as e:
-                    raise ConfigError(
-                        f"{where}: {raw_desc}: no related source for target {target!r} ({e}); "
-                        f"add an exclude rule '- {{target: {target}, source: related}}' or list sources explicitly"
-                    ) from None
-                src = got[0] if isinstance(got, tuple) else got
-                related_cache[target] = [str(src)]
-            out.extend(related_cache[target])
-        return out
-
+    sources = _RelatedSources(spec.where, related)
     runs: list[PlannedRun] = []
     seen: dict[str, PlannedRun] = {}
     errors: list[str] = []
     for combo in itertools.product(*(vals for _, vals in axes)):
         stats.combinations += 1
         raw = dict(zip(keys, combo, strict=True))
-        merged = {**base, **raw}
-        if _excluded(rules, raw, {**_DEFAULTS, **merged}):
-            stats.excluded += 1
-            continue
-        method = merged.get("method", _DEFAULTS["method"])
-        target = merged.get("target", _DEFAULTS["target"])
         desc = ", ".join(f"{k}={v}" for k, v in raw.items()) or "the base config"
-        if method == "target-only":
-            merged["source"] = []
-        else:
-            merged["source"] = resolve(target, list(merged.get("source", _DEFAULTS["source"])), desc)
-        try:
-            cfg = TrainConfig.from_dict(merged, where=f"{where}: run ({desc})")
-        except TypeError as e:
-            raise ConfigError(f"{where}: run ({desc}): {e}") from None
-        eff = effective_config(cfg)
-        if _excluded(rules, raw, eff):
+        cfg = _combination_config(spec.where, base, raw, desc, rules, sources)
+        if cfg is None:
             stats.excluded += 1
             continue
-        cfg = TrainConfig.from_dict({k: eff[k] for k in TrainConfig.field_names()})
         try:
             cfg.validate()
         except ConfigError as e:
@@ -622,8 +569,85 @@ def expand_sweep(
         runs.append(seen[h])
     if errors:
         shown = "; ".join(errors[:5]) + (f"; ... {len(errors) - 5} more" if len(errors) > 5 else "")
-        raise ConfigError(f"{where}: invalid run config(s): {shown}. Fix base:/grid: or add exclude: rules")
-    # Unique names: append the config hash where readable names collide.
+        raise ConfigError(f"{spec.where}: invalid run config(s): {shown}. Fix base:/grid: or add exclude: rules")
+    _unique_names(runs)
+    return runs
+
+
+def _base_config(spec: SweepSpec) -> dict[str, Any]:
+    """The sweep's ``base:`` as TrainConfig fields (grid aliases allowed; output_dir is the sweep's)."""
+    fields = set(TrainConfig.field_names())
+    base: dict[str, Any] = {}
+    for key, value in spec.base.items():
+        fname = GRID_ALIASES.get(key, key) if key not in fields else key
+        if fname not in fields:
+            raise ConfigError(
+                f"{spec.where}: base.{key}: unknown key; valid keys: {', '.join(TrainConfig.field_names())}"
+            )
+        if fname == "output_dir":
+            raise ConfigError(
+                f"{spec.where}: base.output_dir: the sweep sets each run's output_dir; use --runs-dir"
+            )
+        base[fname] = _coerce(fname, value, f"{spec.where}: base.{key}")
+    base.setdefault("progress", False)
+    return base
+
+
+class _RelatedSources:
+    """Replaces the word ``related`` in a run's sources by the target's related source data set
+    (``related(target)``, default :func:`metaxl.data.related_source`), once per target."""
+
+    def __init__(self, where: str, related: RelatedFn | None) -> None:
+        self.where, self.related = where, related
+        self.cache: dict[str, list[str]] = {}
+
+    def resolve(self, target: str, sources: list[str], raw_desc: str) -> list[str]:
+        out = []
+        for s in sources:
+            if s != RELATED:
+                out.append(s)
+                continue
+            if target not in self.cache:
+                if self.related is None:
+                    self.related = _default_related()
+                try:
+                    got = self.related(target)
+                except MetaXLError as e:
+                    raise ConfigError(
+                        f"{self.where}: {raw_desc}: no related source for target {target!r} ({e}); "
+                        f"add an exclude rule '- {{target: {target}, source: related}}' or list sources explicitly"
+                    ) from None
+                src = got[0] if isinstance(got, tuple) else got
+                self.cache[target] = [str(src)]
+            out.extend(self.cache[target])
+        return out
+
+
+def _combination_config(where: str, base: dict[str, Any], raw: dict[str, Any], desc: str, rules: list[dict[str, list[Any]]],
+                        sources: _RelatedSources) -> TrainConfig | None:
+    """One grid combination's config over the base (not yet validated), or None when an exclude
+    rule drops it: on the values as written, or on the effective config."""
+    merged = {**base, **raw}
+    if _excluded(rules, raw, {**_DEFAULTS, **merged}):
+        return None
+    method = merged.get("method", _DEFAULTS["method"])
+    target = merged.get("target", _DEFAULTS["target"])
+    if method == "target-only":
+        merged["source"] = []
+    else:
+        merged["source"] = sources.resolve(target, list(merged.get("source", _DEFAULTS["source"])), desc)
+    try:
+        cfg = TrainConfig.from_dict(merged, where=f"{where}: run ({desc})")
+    except TypeError as e:
+        raise ConfigError(f"{where}: run ({desc}): {e}") from None
+    eff = effective_config(cfg)
+    if _excluded(rules, raw, eff):
+        return None
+    return TrainConfig.from_dict({k: eff[k] for k in TrainConfig.field_names()})
+
+
+def _unique_names(runs: list[PlannedRun]) -> None:
+    """Append the config hash where readable names collide."""
     by_name: dict[str, list[PlannedRun]] = {}
     for r in runs:
         by_name.setdefault(r.name, []).append(r)
@@ -631,7 +655,6 @@ def expand_sweep(
         if len(group) > 1:
             for r in group:
                 r.name = f"{name}-{r.config_hash}"
-    return runs
 
 
 def parse_only(options: Sequence[str]) -> dict[str, list[Any]]:
@@ -1455,171 +1478,219 @@ def run_sweep(
         spec, sweep_name = sweep, sweep.where
     else:
         spec, sweep_name = load_sweep(sweep), str(sweep)
+    plan = plan_sweep(spec, sweep_name, runs_dir, only, related, retry_failed)
+    prefix = resolve_train_command(train_command)
+    plan.classify()
+    outcome = SweepOutcome(total=len(plan.runs), finished_before=plan.count("finished"), runs_dir=str(plan.rdir))
+    outcome.skipped_failed = 0 if retry_failed else plan.count("failed")
+    plan.report(out)
+    # Only for `metaxl train` itself (a custom train command may read its data its own way).
+    if prefix == list(DEFAULT_TRAIN_COMMAND):
+        _check_data(plan.todo, warn_only=dry_run or backend == "ray", out=out)
+    if dry_run:
+        for r in plan.runs:
+            print(f"  {plan.status[r.name]:<10} {r.name}", file=out)
+    if dry_run or not plan.todo:
+        out.flush()
+        return outcome
+
+    if backend == "ray":
+        import_ray()  # fail early with the install hint
+    plan.rdir.mkdir(parents=True, exist_ok=True)
+    with _sweep_lock(plan.rdir):
+        state = _State(plan.rdir, sweep_name)
+        plan.record(state)
+        env, spread_cores, cpus, gpus = _resources(backend, jobs, num_cpus, num_gpus, spec, out)
+        runner = _Runner(plan.rdir, plan.todo, state, prefix, env, out, grace_s, spread_cores)
+        try:
+            _run_until_done_or_stopped(runner, backend, jobs, cpus, gpus, len(plan.todo), progress)
+        finally:
+            _settle(runner, plan, state, outcome)
+    _print_done(outcome, plan.rdir, out)
+    return outcome
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep invocation will do: the grid's runs, those ``--only`` selects, their status on
+    disk (new / unfinished / finished / failed) and the runs to do."""
+
+    name: str
+    all_runs: list[PlannedRun]
+    runs: list[PlannedRun]
+    stats: ExpansionStats
+    only: Sequence[str]
+    rdir: Path
+    retry_failed: bool
+    status: dict[str, str] = field(default_factory=dict)
+    todo: list[PlannedRun] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.status.values() if s == status)
+
+    def classify(self) -> None:
+        """Each run's status, and the runs to do; refuses to mix a changed config with an existing
+        run folder."""
+        mismatches = []
+        for r in self.runs:
+            d = r.directory(self.rdir)
+            self.status[r.name] = run_status(d)
+            if (d / "config.yaml").exists():
+                diffs = _config_differences(d / "config.yaml", r.config)
+                if diffs:
+                    mismatches.append(f"{d}: {'; '.join(diffs[:4])}")
+        if mismatches:
+            raise ConfigError(
+                f"{len(mismatches)} run folder(s) under {self.rdir} hold a different config than {self.name} now "
+                f"gives, e.g. {mismatches[0]}. Use another --runs-dir, or delete those folders to re-run them"
+            )
+        self.todo = [
+            r
+            for r in self.runs
+            if self.status[r.name] in ("new", "unfinished") or (self.retry_failed and self.status[r.name] == "failed")
+        ]
+        # Every setting's first seed before any second seed: a sweep stopped early leaves whole tables.
+        seed_rank = {s: i for i, s in enumerate(dict.fromkeys(r.config.seed for r in self.runs))}
+        self.todo.sort(key=lambda r: seed_rank[r.config.seed])
+
+    def report(self, out: TextIO) -> None:
+        """The grid's size and the plan: ``plan: 12 runs, 4 already finished, 0 failed, 8 to run``."""
+        stats, n_failed = self.stats, self.count("failed")
+        print(
+            f"sweep {self.name}: {len(self.all_runs)} runs ({stats.combinations} grid combinations, "
+            f"{stats.duplicates} duplicates merged, {stats.excluded} excluded) in {self.rdir}"
+            + (f"; --only {' '.join(self.only)}: {len(self.runs)} of {len(self.all_runs)}" if self.only else ""),
+            file=out,
+        )
+        fail_note = "" if self.retry_failed or not n_failed else " (skipped; --retry-failed re-runs them)"
+        print(
+            f"plan: {len(self.runs)} runs, {self.count('finished')} already finished, {n_failed} failed{fail_note}, "
+            f"{len(self.todo)} to run ({self.count('unfinished')} to resume)",
+            file=out,
+        )
+
+    def record(self, state: _State) -> None:
+        """The plan in the sweep's state file; refuses runs that an earlier, killed sweep still runs."""
+        for r in self.todo:
+            info = state.get(r.name)
+            pid = info.get("pid")
+            if info.get("status") == "running" and isinstance(pid, int) and _pid_runs(pid, str(r.directory(self.rdir))):
+                raise MetaXLError(
+                    f"run {r.name} is still running as pid {pid} from an earlier sweep that was killed; "
+                    f"wait for it or kill it (kill {pid}) and run the sweep again"
+                )
+        for r in self.runs:
+            if self.status[r.name] == "finished":
+                state.update(r.name, status="finished", pid=None)
+            elif self.status[r.name] == "failed" and r not in self.todo:
+                fm = read_failed_marker(r.directory(self.rdir) / FAILED_MARKER)
+                state.update(r.name, status="failed", reason=fm.get("reason", "results.json status 'failed'"))
+            elif r in self.todo:
+                state.update(r.name, status="pending", pid=None)
+
+
+def plan_sweep(spec: SweepSpec, name: str, runs_dir: str | Path | None, only: Sequence[str],
+               related: RelatedFn | None, retry_failed: bool) -> SweepPlan:
+    """The sweep's runs (expanded, then selected by ``only``) and its runs folder, not yet classified."""
     stats = ExpansionStats()
     rule = parse_only(only)
     all_runs = expand_sweep(spec, related=related, stats=stats)
     runs = select_runs(all_runs, rule)
     if runs_dir is None:
         runs_dir = spec.runs_dir or str(Path("runs") / (spec.name or "sweep"))
-    rdir = Path(runs_dir).absolute()
-    prefix = resolve_train_command(train_command)
+    return SweepPlan(name, all_runs, runs, stats, only if rule else (), Path(runs_dir).absolute(), retry_failed)
 
-    # Classify; refuse to mix a changed config with an existing run folder.
-    status: dict[str, str] = {}
-    mismatches = []
-    for r in runs:
-        d = r.directory(rdir)
-        status[r.name] = run_status(d)
-        if (d / "config.yaml").exists():
-            diffs = _config_differences(d / "config.yaml", r.config)
-            if diffs:
-                mismatches.append(f"{d}: {'; '.join(diffs[:4])}")
-    if mismatches:
-        raise ConfigError(
-            f"{len(mismatches)} run folder(s) under {rdir} hold a different config than {sweep_name} now gives, "
-            f"e.g. {mismatches[0]}. Use another --runs-dir, or delete those folders to re-run them"
-        )
-    n_fin = sum(1 for s in status.values() if s == "finished")
-    n_failed = sum(1 for s in status.values() if s == "failed")
-    n_unfin = sum(1 for s in status.values() if s == "unfinished")
-    todo = [
-        r
-        for r in runs
-        if status[r.name] in ("new", "unfinished") or (retry_failed and status[r.name] == "failed")
-    ]
-    # Every setting's first seed before any second seed: a sweep stopped early leaves whole tables.
-    seed_rank = {s: i for i, s in enumerate(dict.fromkeys(r.config.seed for r in runs))}
-    todo.sort(key=lambda r: seed_rank[r.config.seed])
-    outcome = SweepOutcome(total=len(runs), finished_before=n_fin, runs_dir=str(rdir))
-    outcome.skipped_failed = 0 if retry_failed else n_failed
-    print(
-        f"sweep {sweep_name}: {len(all_runs)} runs ({stats.combinations} grid combinations, "
-        f"{stats.duplicates} duplicates merged, {stats.excluded} excluded) in {rdir}"
-        + (f"; --only {' '.join(only)}: {len(runs)} of {len(all_runs)}" if rule else ""),
-        file=out,
-    )
-    fail_note = "" if retry_failed or not n_failed else " (skipped; --retry-failed re-runs them)"
-    print(
-        f"plan: {len(runs)} runs, {n_fin} already finished, {n_failed} failed{fail_note}, "
-        f"{len(todo)} to run ({n_unfin} to resume)",
-        file=out,
-    )
-    # Data every run to do needs, checked before anything is launched: a data folder missing on a
-    # machine would otherwise fail every run of the grid, one by one. Only for `metaxl train` itself
-    # (a custom train command may read its data its own way).
-    missing = missing_data(todo) if prefix == list(DEFAULT_TRAIN_COMMAND) else []
-    if missing:
-        bad = {name for name, _, _ in missing}
-        n_bad = sum(1 for r in todo if bad & set(_data_specs(r.config)))
-        names = ", ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, _, n in missing)
-        msg = (
-            f"{len(missing)} data set(s) of this sweep are not found here, so {n_bad} of the {len(todo)} runs "
-            f"to do would fail: {names}. {missing[0][1]}. To run the others anyway, leave those runs out "
-            f"with --only or an exclude rule"
-        )
-        if dry_run or backend == "ray":  # a cluster's workers may hold data the driver does not
-            print(f"warning: {msg}", file=out)
-        else:
-            raise DataError(msg + "; nothing was launched")
-    if dry_run:
-        for r in runs:
-            print(f"  {status[r.name]:<10} {r.name}", file=out)
-        out.flush()
-        return outcome
-    if not todo:
-        out.flush()
-        return outcome
 
+def _check_data(todo: list[PlannedRun], warn_only: bool, out: TextIO) -> None:
+    """The data every run to do needs, checked before anything is launched: a data folder missing on
+    a machine would otherwise fail every run of the grid, one by one. A dry run and Ray (a cluster's
+    workers may hold data the driver does not) only warn."""
+    missing = missing_data(todo)
+    if not missing:
+        return
+    bad = {name for name, _, _ in missing}
+    n_bad = sum(1 for r in todo if bad & set(_data_specs(r.config)))
+    names = ", ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, _, n in missing)
+    msg = (
+        f"{len(missing)} data set(s) of this sweep are not found here, so {n_bad} of the {len(todo)} runs "
+        f"to do would fail: {names}. {missing[0][1]}. To run the others anyway, leave those runs out "
+        f"with --only or an exclude rule"
+    )
+    if warn_only:
+        print(f"warning: {msg}", file=out)
+    else:
+        raise DataError(msg + "; nothing was launched")
+
+
+def _resources(backend: str, jobs: int | None, num_cpus: float | None, num_gpus: float | None, spec: SweepSpec,
+               out: TextIO) -> tuple[dict[str, str], int | None, float, float]:
+    """The children's thread environment, the cores to spread them over (local backend, threads
+    not set by the user), and Ray's CPUs and GPUs per run."""
     if backend == "ray":
-        import_ray()  # fail early with the install hint
-    rdir.mkdir(parents=True, exist_ok=True)
-    with _sweep_lock(rdir):
-        state = _State(rdir, sweep_name)
-        for r in todo:
-            info = state.get(r.name)
-            pid = info.get("pid")
-            if (
-                info.get("status") == "running"
-                and isinstance(pid, int)
-                and _pid_runs(pid, str(r.directory(rdir)))
-            ):
-                raise MetaXLError(
-                    f"run {r.name} is still running as pid {pid} from an earlier sweep that was killed; "
-                    f"wait for it or kill it (kill {pid}) and run the sweep again"
-                )
-        for r in runs:
-            if status[r.name] == "finished":
-                state.update(r.name, status="finished", pid=None)
-            elif status[r.name] == "failed" and r not in todo:
-                fm = read_failed_marker(r.directory(rdir) / FAILED_MARKER)
-                state.update(r.name, status="failed", reason=fm.get("reason", "results.json status 'failed'"))
-            elif r in todo:
-                state.update(r.name, status="pending", pid=None)
+        cpus = float(num_cpus if num_cpus is not None else spec.ray.get("num_cpus", 1))
+        gpus = float(num_gpus if num_gpus is not None else spec.ray.get("num_gpus", 0))
+        return _thread_env(max(1, int(cpus))), None, cpus, gpus  # Ray places the runs; their threads stay as given
+    jobs, cores = jobs or 1, _cores()
+    spread_cores = cores if user_threads() is None else None  # the user's threads are left alone
+    note = too_many_jobs_note(cores, jobs)
+    if note:
+        print(note, file=out)
+    if user_threads() is None and hasattr(os, "getloadavg"):
+        note = busy_cpu_note(os.getloadavg()[0], cores, jobs)
+        if note:
+            print(note, file=out)
+    return _thread_env(cores // jobs), spread_cores, 0.0, 0.0
 
+
+def _run_until_done_or_stopped(runner: _Runner, backend: str, jobs: int | None, cpus: float, gpus: float,
+                               n_todo: int, progress: bool) -> None:
+    """Run the runner's runs under a progress bar; SIGINT/SIGTERM stop it (a second one kills the
+    runs without grace)."""
+    from tqdm.auto import tqdm
+
+    def handler(signum: int, frame: types.FrameType | None) -> None:
+        if runner.stop.is_set():  # second signal: no more grace
+            runner.terminate_all(signal.SIGKILL)
+        runner.signum = signum
+        runner.stop.set()
+
+    installed: dict[Any, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            installed[sig] = signal.signal(sig, handler)
+    bar = tqdm(total=n_todo, desc="runs", unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    try:
         if backend == "ray":
-            cpus = float(num_cpus if num_cpus is not None else spec.ray.get("num_cpus", 1))
-            gpus = float(num_gpus if num_gpus is not None else spec.ray.get("num_gpus", 0))
-            env = _thread_env(max(1, int(cpus)))
-            spread_cores = None  # Ray places the runs; their threads stay as given
+            runner.run_ray(jobs, cpus, gpus, bar)
         else:
-            jobs, cores = jobs or 1, _cores()
-            env = _thread_env(cores // jobs)
-            spread_cores = cores if user_threads() is None else None  # the user's threads are left alone
-            note = too_many_jobs_note(cores, jobs)
-            if note:
-                print(note, file=out)
-            if user_threads() is None and hasattr(os, "getloadavg"):
-                note = busy_cpu_note(os.getloadavg()[0], cores, jobs)
-                if note:
-                    print(note, file=out)
-        runner = _Runner(rdir, todo, state, prefix, env, out, grace_s, spread_cores)
+            runner.run_local(jobs or 1, bar)
+    finally:
+        bar.close()
+        for sig, old in installed.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
-        def handler(signum: int, frame: types.FrameType | None) -> None:
-            if runner.stop.is_set():  # second signal: no more grace
-                runner.terminate_all(signal.SIGKILL)
-            runner.signum = signum
-            runner.stop.set()
 
-        installed: dict[Any, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                installed[sig] = signal.signal(sig, handler)
-        from tqdm.auto import tqdm
+def _settle(runner: _Runner, plan: SweepPlan, state: _State, outcome: SweepOutcome) -> None:
+    """After the runner (also when it was stopped): the runs not started back to pending, the
+    counts in ``outcome`` and the state file."""
+    for r in plan.todo:
+        if runner.outcome.get(r.name, "not started") == "not started":
+            runner.outcome[r.name] = "not started"
+            state.update(r.name, status="pending", pid=None)
+    res = list(runner.outcome.values())
+    outcome.launched = sum(1 for v in res if v != "not started")
+    outcome.finished = res.count("finished")
+    outcome.failed = res.count("failed")
+    outcome.interrupted = res.count("interrupted") + (res.count("not started") if runner.stop.is_set() else 0)
+    state.save(
+        total=len(plan.runs),
+        finished=plan.count("finished") + outcome.finished,
+        failed=outcome.failed + outcome.skipped_failed,
+        interrupted=outcome.interrupted,
+    )
 
-        bar = tqdm(
-            total=len(todo),
-            desc="runs",
-            unit="run",
-            file=sys.stderr,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        try:
-            if backend == "ray":
-                runner.run_ray(jobs, cpus, gpus, bar)
-            else:
-                runner.run_local(jobs or 1, bar)
-        finally:
-            bar.close()
-            for sig, old in installed.items():
-                signal.signal(sig, old if old is not None else signal.SIG_DFL)
-            for r in todo:
-                if runner.outcome.get(r.name, "not started") == "not started":
-                    runner.outcome[r.name] = "not started"
-                    state.update(r.name, status="pending", pid=None)
-            res = list(runner.outcome.values())
-            outcome.launched = sum(1 for v in res if v != "not started")
-            outcome.finished = res.count("finished")
-            outcome.failed = res.count("failed")
-            outcome.interrupted = res.count("interrupted") + (
-                res.count("not started") if runner.stop.is_set() else 0
-            )
-            state.save(
-                total=len(runs),
-                finished=n_fin + outcome.finished,
-                failed=outcome.failed + outcome.skipped_failed,
-                interrupted=outcome.interrupted,
-            )
+
+def _print_done(outcome: SweepOutcome, rdir: Path, out: TextIO) -> None:
     msg = (
         f"done: {outcome.finished} finished, {outcome.failed} failed"
         + (f", {outcome.skipped_failed} failed earlier (skipped)" if outcome.skipped_failed else "")
@@ -1631,7 +1702,6 @@ def run_sweep(
     if outcome.interrupted:
         print("interrupted: run the same command again to resume", file=out)
     out.flush()
-    return outcome
 
 
 # ----------------------------------------------------------------------------------------------

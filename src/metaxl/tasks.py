@@ -196,22 +196,31 @@ def encode(
     _check_task(task)
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    features: list[dict[str, Any]] = []
     if task == "sa":
-        for i, ex in enumerate(examples):
-            if not isinstance(ex, SAExample):
-                raise DataError(f"{where}: example {i + 1} is not a sentiment example; the task is sentiment")
-            enc = tokenizer(ex.text, truncation=True, max_length=max_length)
-            label = IGNORE_INDEX if ex.label == "" else _label_id(ex.label, label2id, where, i)
-            features.append({
-                "input_ids": list(enc["input_ids"]),
-                "attention_mask": list(enc["attention_mask"]),
-                "labels": label,
-                "index": i,
-            })
-        return features
+        return _encode_sa(examples, tokenizer, label2id, max_length, where)
+    return _encode_ner(examples, tokenizer, label2id, max_length, where)
 
-    unk = getattr(tokenizer, "unk_token", None)
+
+def _encode_sa(examples: Sequence[Example], tokenizer: Any, label2id: Mapping[str, int], max_length: int,
+               where: str) -> list[dict[str, Any]]:
+    features: list[dict[str, Any]] = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, SAExample):
+            raise DataError(f"{where}: example {i + 1} is not a sentiment example; the task is sentiment")
+        enc = tokenizer(ex.text, truncation=True, max_length=max_length)
+        label = IGNORE_INDEX if ex.label == "" else _label_id(ex.label, label2id, where, i)
+        features.append({
+            "input_ids": list(enc["input_ids"]),
+            "attention_mask": list(enc["attention_mask"]),
+            "labels": label,
+            "index": i,
+        })
+    return features
+
+
+def _encode_ner(examples: Sequence[Example], tokenizer: Any, label2id: Mapping[str, int], max_length: int,
+                where: str) -> list[dict[str, Any]]:
+    features: list[dict[str, Any]] = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, NERExample):
             raise DataError(f"{where}: example {i + 1} is not an NER example; the task is NER")
@@ -220,21 +229,7 @@ def encode(
         if labelled and len(ex.tags) != len(words):
             raise DataError(f"{where}: example {i + 1} has {len(words)} words but {len(ex.tags)} tags")
         tag_ids = [_label_id(t, label2id, where, i) for t in ex.tags] if labelled else []
-        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-        wids = _word_ids(enc, tokenizer)
-        first = _first_positions(wids, len(words))
-        if unk and words:
-            # a word without a position produced no pieces, unless it was truncated away (words
-            # after the last one seen, when the encoding is full)
-            last_seen = max((w for w in wids if w is not None), default=-1)
-            truncated = len(wids) >= max_length
-            empty = [w for w in range(len(words)) if first[w] < 0 and (w < last_seen or not truncated)]
-            if empty:
-                for w in empty:
-                    words[w] = unk
-                enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-                wids = _word_ids(enc, tokenizer)
-                first = _first_positions(wids, len(words))
+        enc, wids, first = _tokenize_words(tokenizer, words, max_length)
         labels = [IGNORE_INDEX] * len(wids)
         if labelled:
             for w, pos in enumerate(first):
@@ -249,6 +244,27 @@ def encode(
             "index": i,
         })
     return features
+
+
+def _tokenize_words(tokenizer: Any, words: list[str], max_length: int) -> tuple[Any, list[int | None], list[int]]:
+    """The encoding of a word list, its word ids and each word's first position; words that give no
+    pieces are replaced (in ``words``) by the unknown token, when the tokenizer has one."""
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    wids = _word_ids(enc, tokenizer)
+    first = _first_positions(wids, len(words))
+    if getattr(tokenizer, "unk_token", None) and words:
+        # a word without a position produced no pieces, unless it was truncated away (words
+        # after the last one seen, when the encoding is full)
+        last_seen = max((w for w in wids if w is not None), default=-1)
+        truncated = len(wids) >= max_length
+        empty = [w for w in range(len(words)) if first[w] < 0 and (w < last_seen or not truncated)]
+        if empty:
+            for w in empty:
+                words[w] = tokenizer.unk_token
+            enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+            wids = _word_ids(enc, tokenizer)
+            first = _first_positions(wids, len(words))
+    return enc, wids, first
 
 
 def _first_positions(word_ids: Sequence[int | None], n_words: int) -> list[int]:

@@ -23,19 +23,24 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from . import CallableModule
 from .config import TrainConfig
 from .data import Example
 from .errors import ConfigError, DataError, MetaXLError
 from .threads import THREADS_FILE_ENV, ThreadsFile
+
+if TYPE_CHECKING:
+    from .distributed import DistInfo
 
 STATE_DIR = "train_state"
 logger = logging.getLogger("metaxl")
@@ -331,6 +336,11 @@ def rtn_diagnostics(model: Any, injector: Any, probe: dict[str, torch.Tensor], i
             "weight_drift": round(injector.weight_drift(initial), 6)}
 
 
+# ---------------------------------------------------------------------------- the recipe
+# train() reads as the run it performs (docs/design.md): setup (processes, data and model, the
+# encoded splits, the output folder, the learner, the results so far), one epoch at a time
+# (train_epoch: the steps; end_epoch: dev evaluation, model selection, the epoch's row), and
+# finish (the test set on the best epoch's weights, the checkpoint, results.json).
 def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared: PreparedData | None = None,
           model: Any = None, tokenizer: Any = None, artifacts: dict[str, Any] | None = None,
           on_setup: Any = None) -> dict[str, Any]:
@@ -350,28 +360,119 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
     Everything that can fail on user input (config values, data files, labels, the model) is
     checked before the output folder is touched.
     """
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    from . import guards
-    from .checkpoint import load_training_state_dict, save_checkpoint
-    from .distributed import (
-        all_mean,
-        broadcast_module,
-        broadcast_object,
-        init_from_env,
-        local_device,
-        set_rank_seed,
-        shard,
-    )
-    from .meta import Learner, enable_gradient_checkpointing
-    from .models import load_model, load_tokenizer
-    from .reporting import make_reporter
-    from .rtn import RTNInjector, encoder_parts, resolve_layers
-    from .tasks import collate, encode
-
     cfg.validate()
-    dist = init_from_env(cfg.device)  # no-op for a single process
+    run = setup(cfg, resume, log, prepared, model, tokenizer)  # every input checked, nothing written yet
+    if (done := finished_run(run)) is not None:
+        return done
+    if run.writes:
+        create_output(run)
+    build_learner(run, on_setup)
+    state = start_state(run)
+    for epoch in range(state.start_epoch, run.total_epochs + 1):
+        record = train_epoch(run, state, epoch)
+        if state.failure is None:
+            end_epoch(run, state, epoch, record)
+        if state.failure is not None:
+            break
+    evaluate_test_set(run, state)
+    return finish(run, state, artifacts)
+
+
+@dataclass
+class Features:
+    """The encoded splits: one dict (``input_ids``, ``attention_mask``, ``labels``) per example."""
+
+    target: list[dict[str, Any]]
+    sources: list[list[dict[str, Any]]]
+    dev: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+
+
+@dataclass
+class Run:
+    """What the parts of a training run share: made by :func:`setup`, completed by
+    :func:`build_learner`, then read by every part."""
+
+    cfg: TrainConfig
+    resume: bool
+    log: Any  # print-like; silent on every process but rank 0
+    dist: DistInfo
+    device: torch.device
+    autocast: Any
+    data: PreparedData
+    model: Any
+    tokenizer: Any
+    extension: Any  # the --extend-vocab result (metaxl.vocab.Extension), or None
+    feats: Features
+    pad_id: int
+    out: Path  # the output folder ("." for an in-memory run)
+    writes: bool  # rank 0 of a run with an output folder: only it writes files
+    # made by build_learner
+    injector: Any = None  # the RTNs (metaxl.rtn.RTNInjector) of jt-rtn and metaxl, else None
+    learner: Any = None  # metaxl.meta.Learner: one step of the method, with its optimisers
+    steps_per_epoch: int = 0
+    probe: dict[str, torch.Tensor] = field(default_factory=dict)  # the RTN diagnostics' source batch
+    watched: list[torch.nn.Parameter] = field(default_factory=list)  # checked for non-finite values
+
+    @property
+    def total_epochs(self) -> int:
+        return self.cfg.epochs + self.cfg.backoff_epochs
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out / STATE_DIR
+
+    def on_device(self, feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """This process's shard of a global batch, collated and on the device."""
+        from .distributed import shard
+        from .tasks import collate
+
+        local = shard(feats, self.dist.rank, self.dist.world_size)  # the whole batch for one process
+        return {k: v.to(self.device) for k, v in collate(local, self.pad_id).items()}
+
+
+@dataclass
+class RunState:
+    """What changes from epoch to epoch: what ``resume`` saves after an epoch and restores."""
+
+    results: dict[str, Any]  # results.json as it stands
+    gen: torch.Generator  # draws the source batches and the target cycle
+    rtn_start: dict[str, torch.Tensor]  # the RTNs' initial weights (their drift is a diagnostic)
+    best: Snapshot | None = None  # the best dev epoch's weights; the test set is evaluated on them once, at the end
+    best_f1: float = -1.0
+    start_epoch: int = 1
+    elapsed_before: float = 0.0  # seconds of the epochs run before a resume
+    reporter: Any = None  # TensorBoard (--report-to), rank 0 only
+    threads_file: ThreadsFile | None = None  # a sweep raises our threads when its other runs have ended
+    started: float = 0.0
+    failure: MetaXLError | None = None  # divergence or a full disk: the run ends, results.json says why
+    tgt_iter: TargetCycle = field(init=False)
+
+
+# ---------------------------------------------------------------------------- setup
+def setup(cfg: TrainConfig, resume: bool, log: Any, prepared: PreparedData | None, model: Any,
+          tokenizer: Any) -> Run:
+    """Processes, data, model and tokenizer, the encoded splits: every check on user input, before
+    anything is written."""
+    dist, device, log = start_processes(cfg, log)
+    autocast = autocast_factory(device, cfg.precision)
+    if resume and cfg.output_dir is None:
+        raise ConfigError("resume needs an output_dir (the training state is saved there)")
+    data = prepared if prepared is not None else prepare_data(cfg)
+    model, tokenizer, extension = load_model_and_tokenizer(cfg, data, resume, log, model, tokenizer)
+    feats = encode_splits(cfg, data, tokenizer, log)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    writes = dist.is_main and cfg.output_dir is not None  # output_dir=None: an in-memory run, nothing written
+    return Run(cfg, resume, log, dist, device, autocast, data, model, tokenizer, extension, feats, pad_id,
+               Path(cfg.output_dir or "."), writes)
+
+
+def start_processes(cfg: TrainConfig, log: Any) -> tuple[DistInfo, torch.device, Any]:
+    """The process group under ``torchrun`` (a no-op for one process), this process's device, and
+    its log (silent but on rank 0)."""
+    from .distributed import init_from_env, local_device
+
+    dist = init_from_env(cfg.device)
     device = local_device(resolve_device(cfg.device), dist)
     if not dist.is_main:
         log = lambda *_a, **_k: None  # noqa: E731
@@ -380,23 +481,26 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
         if cfg.batch_size < dist.world_size or cfg.tgt_batch_size < need:
             raise ConfigError(f"{dist.world_size} processes need --batch-size >= {dist.world_size} and a target "
                               f"batch >= {need} (the global batch is split across processes)")
-    autocast = autocast_factory(device, cfg.precision)
-    if resume and cfg.output_dir is None:
-        raise ConfigError("resume needs an output_dir (the training state is saved there)")
-    data = prepared if prepared is not None else prepare_data(cfg)
+    return dist, device, log
+
+
+def load_model_and_tokenizer(cfg: TrainConfig, data: PreparedData, resume: bool, log: Any, model: Any,
+                             tokenizer: Any) -> tuple[Any, Any, Any]:
+    """The model (with its task head for ``data.labels``) and tokenizer, the vocabulary extended for
+    the target (paper Appendix C; a resumed run reuses its saved extension), the embeddings frozen."""
+    from .distributed import broadcast_object
+    from .models import load_model as load_pretrained
+    from .models import load_tokenizer
+    from .rtn import encoder_parts, resolve_layers
+
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model)
     set_seed(cfg.seed)
     if model is None:
-        model = load_model(cfg.model, data.task, data.labels)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(max_pos, int):
-        limit = max_pos - (2 if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0)
-        if cfg.max_length > limit:
-            raise ConfigError(f"--max-length {cfg.max_length} is longer than model {cfg.model!r} supports "
-                              f"({limit} positions); use --max-length {limit} or less")
+        model = load_pretrained(cfg.model, data.task, data.labels)
+    _check_max_length(cfg, model)
     extension = None
-    if cfg.extend_vocab:  # paper Appendix C (metaxl.vocab); a resumed run reuses its saved extension
+    if cfg.extend_vocab:
         from .vocab import VOCAB_DIR, extend_vocabulary
 
         saved = Path(cfg.output_dir) / VOCAB_DIR if resume and cfg.output_dir is not None else None
@@ -406,308 +510,453 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print, *, prepared:
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     _grad_ok(model)
-    uses_rtn = cfg.method in ("jt-rtn", "metaxl")
-    if uses_rtn:
+    if cfg.method in ("jt-rtn", "metaxl"):
         resolve_layers(cfg.rtn_layers, len(encoder_parts(model)[1]))  # clear error before writing
+    return model, tokenizer, extension
+
+
+def _check_max_length(cfg: TrainConfig, model: Any) -> None:
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_pos, int):
+        limit = max_pos - (2 if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0)
+        if cfg.max_length > limit:
+            raise ConfigError(f"--max-length {cfg.max_length} is longer than model {cfg.model!r} supports "
+                              f"({limit} positions); use --max-length {limit} or less")
+
+
+def encode_splits(cfg: TrainConfig, data: PreparedData, tokenizer: Any, log: Any) -> Features:
+    """Tokenise every split (labels aligned to the first piece of each word); an empty split is an
+    error, truncated examples a logged warning."""
+    from . import guards
+    from .tasks import encode
+
     label2id = {label: i for i, label in enumerate(data.labels)}
     enc = lambda exs: encode(data.task, exs, tokenizer, label2id, cfg.max_length)  # noqa: E731
-    tgt_feats = enc(data.target_train)
-    src_feats = [enc(s) for s in data.sources]
-    dev_feats, test_feats = enc(data.dev), enc(data.test)
-    for name, feats in [("target train", tgt_feats), ("dev", dev_feats), ("test", test_feats)] + [
-        (f"source {n}", f) for n, f in zip(data.source_names, src_feats, strict=True)
-    ]:
-        if not feats:
+    feats = Features(enc(data.target_train), [enc(s) for s in data.sources], enc(data.dev), enc(data.test))
+    named = [("target train", feats.target), ("dev", feats.dev), ("test", feats.test)]
+    for name, split in named + [(f"source {n}", f) for n, f in zip(data.source_names, feats.sources, strict=True)]:
+        if not split:
             raise DataError(f"the {name} split is empty after subsampling/filtering; check the data and sizes")
-    for name, feats in [("target train", tgt_feats), ("dev", dev_feats), ("test", test_feats)]:
-        if (note := guards.truncation_warning(data.task, feats, cfg.max_length, name)) is not None:
+    for name, split in named:
+        if (note := guards.truncation_warning(data.task, split, cfg.max_length, name)) is not None:
             log(note)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return feats
 
-    # ---- output folder (only now: every input has been checked)
-    writes = dist.is_main and cfg.output_dir is not None  # output_dir=None: an in-memory run, nothing written
-    out = Path(cfg.output_dir or ".")
-    if (resume and cfg.output_dir is not None
-            and (done := guards.check_resume(out, cfg.to_dict(), TrainConfig().to_dict())) is not None):
-        log(f"{out} holds a finished run (best epoch {done.get('best_epoch')}); nothing to do "
-            "(use another --output-dir to train again)")
-        return done
-    if writes:
-        _prepare_output(out, model, resume and cfg.save_state, cfg)
-        if extension is not None and resume:
-            extension.tokenizer.save_pretrained(out / VOCAB_DIR)
 
-    model.to(device)
-    injector = None
-    if uses_rtn:
+def finished_run(run: Run) -> dict[str, Any] | None:
+    """With ``resume``, the results of a run that already finished in the output folder."""
+    from . import guards
+
+    if not run.resume or run.cfg.output_dir is None:
+        return None
+    done = guards.check_resume(run.out, run.cfg.to_dict(), TrainConfig().to_dict())
+    if done is not None:
+        run.log(f"{run.out} holds a finished run (best epoch {done.get('best_epoch')}); nothing to do "
+                "(use another --output-dir to train again)")
+    return done
+
+
+def create_output(run: Run) -> None:
+    """The output folder with config.yaml (only now: every input has been checked), and the extended
+    tokenizer that a resumed run reloads."""
+    _prepare_output(run.out, run.model, run.resume and run.cfg.save_state, run.cfg)
+    if run.extension is not None and run.resume:
+        from .vocab import VOCAB_DIR
+
+        run.extension.tokenizer.save_pretrained(run.out / VOCAB_DIR)
+
+
+def build_learner(run: Run, on_setup: Any) -> None:
+    """The model on its device, the RTNs, every process on rank 0's weights, the optimisers and
+    the :class:`~metaxl.meta.Learner` that takes the method's steps."""
+    from .distributed import broadcast_module, set_rank_seed
+    from .meta import Learner, enable_gradient_checkpointing
+    from .rtn import RTNInjector
+
+    cfg, feats = run.cfg, run.feats
+    run.model.to(run.device)
+    if cfg.method in ("jt-rtn", "metaxl"):
         torch.manual_seed(cfg.seed)
-        injector = RTNInjector(model, cfg.rtn_layers, cfg.rtn_variant, cfg.rtn_hidden,
-                               num_sources=len(src_feats), per_source=cfg.rtn_per_source,
-                               detach_input=cfg.rtn_detach, init=cfg.rtn_init,
-                               preserve_norm=cfg.rtn_norm == "preserve").to(device)
+        run.injector = RTNInjector(run.model, cfg.rtn_layers, cfg.rtn_variant, cfg.rtn_hidden,
+                                   num_sources=len(feats.sources), per_source=cfg.rtn_per_source,
+                                   detach_input=cfg.rtn_detach, init=cfg.rtn_init,
+                                   preserve_norm=cfg.rtn_norm == "preserve").to(run.device)
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, injector)
+        enable_gradient_checkpointing(run.model, run.injector)
     # every rank starts from rank 0's weights (random task head, RTNs); dropout then differs per rank
-    broadcast_module(model)
-    if injector is not None:
-        broadcast_module(injector)
-    set_rank_seed(cfg.seed, dist)
-
-    steps_per_epoch = math.ceil(
-        (sum(len(f) for f in src_feats) if cfg.method != "target-only" else len(tgt_feats)) / cfg.batch_size
+    broadcast_module(run.model)
+    if run.injector is not None:
+        broadcast_module(run.injector)
+    set_rank_seed(cfg.seed, run.dist)
+    run.steps_per_epoch = math.ceil(
+        (sum(len(f) for f in feats.sources) if cfg.method != "target-only" else len(feats.target)) / cfg.batch_size
     )
-    main_steps = steps_per_epoch * cfg.epochs
     logger.debug("%s, %s on %s: %d target / %s source / %d dev / %d test examples, %d steps per epoch, %d labels",
-                 cfg.method, data.task, device, len(tgt_feats), [len(f) for f in src_feats], len(dev_feats),
-                 len(test_feats), steps_per_epoch, len(data.labels))
-    total_epochs = cfg.epochs + cfg.backoff_epochs
-    opt_theta = torch.optim.AdamW(theta_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched_theta = get_linear_schedule_with_warmup(opt_theta, int(cfg.warmup * main_steps), main_steps)
-    opt_phi = sched_phi = None
-    if injector is not None:
-        phi_lr = cfg.lr if cfg.method == "jt-rtn" else cfg.meta_lr
-        opt_phi = phi_optimizer(injector.parameters(), cfg, phi_lr)
-        sched_phi = get_linear_schedule_with_warmup(opt_phi, int(cfg.warmup * main_steps), main_steps)
+                 cfg.method, run.data.task, run.device, len(feats.target), [len(f) for f in feats.sources],
+                 len(feats.dev), len(feats.test), run.steps_per_epoch, len(run.data.labels))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    learner = Learner(model, injector, cfg, opt_theta, sched_theta, opt_phi, sched_phi, autocast, scaler)
+    run.learner = Learner(run.model, run.injector, cfg, *optimisers(run), run.autocast, scaler)
     if on_setup is not None:
-        on_setup(model, learner)
-    rtn_start: dict[str, torch.Tensor] = {}
-    probe: dict[str, torch.Tensor] = {}
-    if injector is not None:
-        rtn_start = {k: v.detach().clone() for k, v in injector.state_dict().items()}
-        probe = probe_batch(src_feats[0], pad_id, device)
+        on_setup(run.model, run.learner)
+    run.watched = list(run.model.parameters()) + (list(run.injector.parameters()) if run.injector is not None else [])
+    if run.injector is not None:
+        run.probe = probe_batch(feats.sources[0], run.pad_id, run.device)
 
+
+def optimisers(run: Run) -> tuple[Any, Any, Any, Any]:
+    """theta's AdamW and schedule; the RTNs' (phi's) optimiser and schedule, or None, None."""
+    from transformers import get_linear_schedule_with_warmup
+
+    cfg = run.cfg
+    main_steps = run.steps_per_epoch * cfg.epochs
+    opt_theta = torch.optim.AdamW(theta_groups(run.model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched_theta = get_linear_schedule_with_warmup(opt_theta, int(cfg.warmup * main_steps), main_steps)
+    if run.injector is None:
+        return opt_theta, sched_theta, None, None
+    opt_phi = phi_optimizer(run.injector.parameters(), cfg, cfg.lr if cfg.method == "jt-rtn" else cfg.meta_lr)
+    sched_phi = get_linear_schedule_with_warmup(opt_phi, int(cfg.warmup * main_steps), main_steps)
+    return opt_theta, sched_theta, opt_phi, sched_phi
+
+
+def start_state(run: Run) -> RunState:
+    """The run's state at its first epoch, or (``resume``) where an interrupted run stopped; the
+    first results.json, the reporter and the target cycle."""
+    from .reporting import make_reporter
+
+    cfg = run.cfg
+    rtn_start = {k: v.detach().clone() for k, v in run.injector.state_dict().items()} if run.injector is not None else {}
     gen = torch.Generator().manual_seed(cfg.seed)
+    state = RunState(initial_results(run, rtn_start), gen, rtn_start)
+    tgt_cycle = None
+    if run.resume and (run.state_dir / "state.pt").is_file():
+        tgt_cycle = restore_state(run, state, _load_state(run.state_dir / "state.pt", run.device))
+    if run.writes:
+        write_json(run.out / "results.json", state.results)
+    if run.dist.is_main:
+        state.reporter = make_reporter(cfg.report_to, run.out, cfg.output_dir is not None,
+                                       sum(e["steps"] for e in state.results["epochs"]))
+    state.tgt_iter = TargetCycle(run.feats.target, cfg.tgt_batch_size, gen, cfg.group_by_length, state=tgt_cycle)
+    state.started = time.time()
+    state.threads_file = ThreadsFile.from_env()
+    return state
+
+
+def initial_results(run: Run, rtn_start: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """results.json before the first epoch: the run's settings, sizes, versions and the RTNs' start."""
+    cfg, data, feats = run.cfg, run.data, run.feats
     results: dict[str, Any] = {
         "status": "running", "config": cfg.to_dict(), "method": cfg.method, "task": data.task,
         "target": cfg.target, "source": data.source_names if cfg.method != "target-only" else [],
         "seed": cfg.seed, "source_size": cfg.source_size, "target_size": cfg.target_size,
-        "rtn_layers": list(cfg.rtn_layers) if uses_rtn else [], "labels": data.labels,
-        "sizes": {"target_train": len(tgt_feats), "source_train": [len(f) for f in src_feats],
-                  "dev": len(dev_feats), "test": len(test_feats)},
+        "rtn_layers": list(cfg.rtn_layers) if cfg.method in ("jt-rtn", "metaxl") else [], "labels": data.labels,
+        "sizes": {"target_train": len(feats.target), "source_train": [len(f) for f in feats.sources],
+                  "dev": len(feats.dev), "test": len(feats.test)},
         "epochs": [], "best_epoch": None, "dev": None, "test": None, "checkpoint": None,
-        "device": str(device), "torch": torch.__version__, "world_size": dist.world_size,
+        "device": str(run.device), "torch": torch.__version__, "world_size": run.dist.world_size,
         "code": code_version(),
-        "rtn_init": rtn_diagnostics(model, injector, probe, rtn_start, autocast) if injector is not None else None,
+        "rtn_init": (rtn_diagnostics(run.model, run.injector, run.probe, rtn_start, run.autocast)
+                     if run.injector is not None else None),
     }
-    if extension is not None:
-        results["vocab_added"] = len(extension.added)
-    start_epoch, best_f1, elapsed_before = 1, -1.0, 0.0
-    best: Snapshot | None = None  # the best dev epoch's weights; the test set is evaluated on them once, at the end
-    state_dir = out / STATE_DIR
-    tgt_state: dict[str, Any] | None = None
-    if resume and (state_dir / "state.pt").is_file():
-        state = _load_state(state_dir / "state.pt", device)
-        tgt_state = state.get("tgt_cycle")
-        load_training_state_dict(model, state["model"])
-        opt_theta.load_state_dict(state["opt_theta"])
-        sched_theta.load_state_dict(state["sched_theta"])
-        if injector is not None:
-            assert opt_phi is not None and sched_phi is not None
-            injector.load_state_dict(state["rtn"])
-            opt_phi.load_state_dict(state["opt_phi"])
-            sched_phi.load_state_dict(state["sched_phi"])
-        learner.steps_taken = state.get("steps_taken", 0)
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        results = state["results"]
-        if injector is not None and state.get("rtn_start") is not None:
-            rtn_start = state["rtn_start"]
-        best = state.get("best")  # absent in states saved before test evaluation moved to the end
-        set_rank_seed(cfg.seed + len(results["epochs"]), dist)
-        start_epoch = results["epochs"][-1]["epoch"] + 1 if results["epochs"] else 1
-        best_f1 = max([e["dev"]["f1"] for e in results["epochs"]], default=-1.0)
-        elapsed_before = sum(e["seconds"] for e in results["epochs"])
-        log(f"resuming {out} from epoch {start_epoch}")
-    if writes:
-        write_json(out / "results.json", results)
-    reporter = make_reporter(cfg.report_to, out, cfg.output_dir is not None,
-                             sum(e["steps"] for e in results["epochs"])) if dist.is_main else None
+    if run.extension is not None:
+        results["vocab_added"] = len(run.extension.added)
+    return results
 
-    tgt_iter = TargetCycle(tgt_feats, cfg.tgt_batch_size, gen, cfg.group_by_length, state=tgt_state)
-    failure: MetaXLError | None = None
-    watched = list(model.parameters()) + (list(injector.parameters()) if injector is not None else [])
-    t_start = time.time()
-    threads_file = ThreadsFile.from_env()  # a sweep raises our threads when its other runs have ended
 
-    def to_dev(feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in collate(feats, pad_id).items()}
+def restore_state(run: Run, state: RunState, saved: dict[str, Any]) -> dict[str, Any] | None:
+    """Load a saved training state (``resume``) into the model, RTNs, optimisers, random generators
+    and ``state``; returns the target cycle's saved position."""
+    from .checkpoint import load_training_state_dict
+    from .distributed import set_rank_seed
 
-    def local(feats: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """This rank's contiguous shard of a global batch (the whole batch for one process)."""
-        return shard(feats, dist.rank, dist.world_size)
+    learner, injector = run.learner, run.injector
+    load_training_state_dict(run.model, saved["model"])
+    learner.opt_theta.load_state_dict(saved["opt_theta"])
+    learner.sched_theta.load_state_dict(saved["sched_theta"])
+    if injector is not None:
+        injector.load_state_dict(saved["rtn"])
+        learner.opt_phi.load_state_dict(saved["opt_phi"])
+        learner.sched_phi.load_state_dict(saved["sched_phi"])
+    learner.steps_taken = saved.get("steps_taken", 0)
+    state.gen.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(saved["python_rng"])
+    state.results = results = saved["results"]
+    if injector is not None and saved.get("rtn_start") is not None:
+        state.rtn_start = saved["rtn_start"]
+    state.best = saved.get("best")  # absent in states saved before test evaluation moved to the end
+    set_rank_seed(run.cfg.seed + len(results["epochs"]), run.dist)
+    state.start_epoch = results["epochs"][-1]["epoch"] + 1 if results["epochs"] else 1
+    state.best_f1 = max([e["dev"]["f1"] for e in results["epochs"]], default=-1.0)
+    state.elapsed_before = sum(e["seconds"] for e in results["epochs"])
+    run.log(f"resuming {run.out} from epoch {state.start_epoch}")
+    return saved.get("tgt_cycle")
 
-    for epoch in range(start_epoch, total_epochs + 1):
-        backoff = epoch > cfg.epochs
-        if backoff and learner.method != "jt":
-            # paper sec. 4.6: continue the MetaXL model on joint-training data, no RTN
-            learner.method = "jt"
-            if injector is not None:
-                injector.remove()
-            back_steps = steps_per_epoch * cfg.backoff_epochs
-            for group, lr in zip(opt_theta.param_groups, (cfg.lr, cfg.head_lr or cfg.lr), strict=False):
-                group["lr"] = group["initial_lr"] = lr
-            learner.sched_theta = get_linear_schedule_with_warmup(opt_theta, int(cfg.warmup * back_steps), back_steps)
-        model.train()
-        t0 = time.time()
-        losses: list[float] = []
-        meta_losses: list[float] = []
-        phi_norms: list[float] = []
-        probes: list[tuple[float, float]] = []
-        learner.hypergrad_stats.reset()
-        skipped = nonfinite = 0
-        if cfg.method == "target-only":
-            plan: list[tuple[int | None, list[dict[str, Any]] | None]] = [
-                (None, None) for _ in range(steps_per_epoch)
-            ]
-        else:
-            plan = [(k, b) for k, f in enumerate(src_feats) for b in batches(f, cfg.batch_size, gen, group_by_length=cfg.group_by_length)]
-            order = torch.randperm(len(plan), generator=gen).tolist() if len(src_feats) > 1 else range(len(plan))
-            plan = [plan[i] for i in order]
-        bar = tqdm(plan, desc=f"epoch {epoch}/{total_epochs} {learner.method}",
-                   disable=not cfg.progress or not dist.is_main, leave=False, dynamic_ncols=True)
-        for step_no, (k, src) in enumerate(bar, 1):
-            if threads_file is not None and (n := threads_file.poll()) is not None and n != torch.get_num_threads():
-                log(f"threads: {torch.get_num_threads()} -> {n} (set by the sweep through ${THREADS_FILE_ENV})")
-                torch.set_num_threads(n)
-            tgt = next(tgt_iter)
-            meta: list[dict[str, Any]] | None = None
-            if learner.method == "metaxl" and cfg.meta_batch == "separate":
-                meta = next(tgt_iter)
-            elif learner.method == "metaxl" and dist.enabled:
-                # split the *global* target batch (as meta.split_batch) so rank shards of each half
-                # concatenate to the single-process halves
-                tgt, meta = tgt[: len(tgt) // 2], tgt[len(tgt) // 2 :]
-            parts = [p for p in (src, tgt, meta) if p is not None]
-            if dist.enabled and min(len(p) for p in parts) < dist.world_size:
-                skipped += 1  # a tail batch too small to give every rank an example (same on all ranks)
-                continue
-            src_b = to_dev(local(src)) if src is not None else None
-            meta_b = to_dev(local(meta)) if meta is not None else None
-            undo = _undo_point(model, injector, learner) if cfg.on_nonfinite == "skip" else None
-            stats = learner.step(src_b, k or 0, to_dev(local(tgt)), meta_b)
-            loss = all_mean(stats.loss)  # the global-batch loss; every rank takes the same decision
-            if (problem := guards.step_problem(loss, stats.phi_grad_norm, watched, cfg.precision)) is not None:
-                message = guards.divergence_message(problem, epoch, step_no, cfg)
-                if undo is None:
-                    failure = guards.Diverged(message)
-                    break
-                undo.restore()
-                nonfinite += 1
-                log(f"warning: step skipped: {message.partition('; or pass')[0]}")
-                continue
-            losses.append(loss)
-            if reporter is not None:
-                reporter.log_step(loss, stats, learner)
-            if stats.meta_loss is not None:
-                meta_losses.append(all_mean(stats.meta_loss))
-            if stats.phi_grad_norm is not None and math.isfinite(stats.phi_grad_norm):
-                phi_norms.append(stats.phi_grad_norm)  # already averaged across processes
-            if stats.meta_probe is not None:
-                probes.append(stats.meta_probe)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        bar.close()
-        if failure is not None:
+
+# ---------------------------------------------------------------------------- one epoch
+@dataclass
+class EpochRecord:
+    """What an epoch's steps leave for its row of results.json."""
+
+    started: float
+    backoff: bool
+    planned: int = 0  # steps in the epoch's plan
+    skipped: int = 0  # tail batches too small to give every process an example
+    nonfinite: int = 0  # steps undone by --on-nonfinite skip
+    losses: list[float] = field(default_factory=list)
+    meta_losses: list[float] = field(default_factory=list)
+    phi_norms: list[float] = field(default_factory=list)
+    probes: list[tuple[float, float]] = field(default_factory=list)  # meta loss before/after the phi step
+
+
+def train_epoch(run: Run, state: RunState, epoch: int) -> EpochRecord:
+    """One pass over the source set (the target set for target-only), the target set cycling;
+    sets ``state.failure`` and stops when a step diverges."""
+    from tqdm.auto import tqdm
+
+    cfg, learner = run.cfg, run.learner
+    record = EpochRecord(started=0.0, backoff=epoch > cfg.epochs)
+    if record.backoff and learner.method != "jt":
+        enter_backoff(run)
+    run.model.train()
+    record.started = time.time()
+    learner.hypergrad_stats.reset()
+    plan = epoch_plan(run, state.gen)
+    record.planned = len(plan)
+    bar = tqdm(plan, desc=f"epoch {epoch}/{run.total_epochs} {learner.method}",
+               disable=not cfg.progress or not run.dist.is_main, leave=False, dynamic_ncols=True)
+    for step_no, (k, src) in enumerate(bar, 1):
+        follow_sweep_threads(run, state.threads_file)
+        tgt, meta = target_batches(run, state.tgt_iter)
+        parts = [p for p in (src, tgt, meta) if p is not None]
+        if run.dist.enabled and min(len(p) for p in parts) < run.dist.world_size:
+            record.skipped += 1  # a tail batch too small to give every rank an example (same on all ranks)
+            continue
+        recorded = take_step(run, state, record, (epoch, step_no), k, src, tgt, meta)
+        if state.failure is not None:
             break
-        dev_metrics, _ = evaluate(model, data.task, data.dev, dev_feats, data.labels, pad_id,
-                                  cfg.eval_batch_size, device, autocast)
-        row: dict[str, Any] = {
-            "epoch": epoch, "phase": "backoff" if backoff else "main", "steps": len(plan) - skipped,
-            "train_loss": float(np.mean(losses)) if losses else None,
-            "meta_loss": float(np.mean(meta_losses)) if meta_losses else None,
-            # MetaXL: the median norm of the hypergradient (phi's gradient) over the epoch's steps
-            "phi_grad_norm": float(np.median(phi_norms)) if phi_norms else None,
-            "lr": learner.current_lr(), "dev": dev_metrics,
-        }
-        if injector is not None and not backoff:
-            row["rtn"] = rtn_diagnostics(model, injector, probe, rtn_start, autocast)
-            if learner.method == "metaxl":
-                row["rtn"].update(learner.hypergrad_stats.summary())
-                if probes:
-                    row["rtn"]["meta_loss_before"] = round(float(np.mean([b for b, _ in probes])), 6)
-                    row["rtn"]["meta_loss_after"] = round(float(np.mean([a for _, a in probes])), 6)
-                    # the change itself, unrounded: one phi step moves the meta loss by ~1e-6 or less
-                    row["rtn"]["meta_step_change"] = float(np.mean([a - b for b, a in probes]))
-        if cfg.on_nonfinite == "skip":
-            row["nonfinite_skips"] = nonfinite
-            results["nonfinite_skips"] = results.get("nonfinite_skips", 0) + nonfinite
-        improved = dev_metrics["f1"] > best_f1
-        if improved:
-            best_f1 = dev_metrics["f1"]
-            best = Snapshot.take(model, injector)  # in back-off: the RTNs as the main phase left them
-            results.update(best_epoch=epoch, dev=dev_metrics, test=None)
-        row["seconds"] = time.time() - t0
-        row["best"] = improved
-        results["epochs"].append(row)
-        if reporter is not None:
-            reporter.log_epoch(row)
-        log(f"epoch {epoch}/{total_epochs}: loss {row['train_loss'] or float('nan'):.4f}  dev f1 {dev_metrics['f1']:.2f}"
-            + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]" + rtn_log_line(row.get("rtn"))
-            + (f"  ({skipped} tail batches smaller than {dist.world_size} skipped)" if skipped else ""))
-        if writes:
-            write_json(out / "results.json", results)
-        if resume and cfg.save_state and epoch < total_epochs and not backoff and writes:
-            try:
-                _save_state(state_dir, model, injector, learner, gen, results, best, tgt_iter, rtn_start)
-            except guards.DiskError as err:
-                failure = err
-                break
+        if recorded:
+            bar.set_postfix(loss=f"{np.mean(record.losses[-20:]):.3f}")
+    bar.close()
+    return record
 
-    # the test set, once, on the best dev epoch's weights (not after every improvement: for NER, test
-    # sets of ~1,300 sentences made that half of a run's time on CPU)
-    if best is not None:
-        t0 = time.time()
-        best.restore(model, injector)
-        test_metrics, _ = evaluate(model, data.task, data.test, test_feats, data.labels, pad_id,
-                                   cfg.eval_batch_size, device, autocast)
-        results["test"] = test_metrics
-        if reporter is not None:
-            reporter.log_test(test_metrics, results["best_epoch"])
-        if cfg.save_checkpoint and writes:
-            try:
-                save_checkpoint(out / "checkpoint", model, tokenizer, data.task, data.labels, cfg.max_length,
-                                extra={"config": cfg.to_dict(), "epoch": results["best_epoch"],
-                                       "dev": results["dev"], "test": test_metrics, "sizes": results["sizes"],
-                                       "vocab_added": results.get("vocab_added")})
-                results["checkpoint"] = "checkpoint"
-                if best.rtn is not None:
-                    from safetensors.torch import save
 
-                    guards.write_bytes_atomic(out / "rtn.safetensors", save(
-                        {k: v.contiguous() for k, v in best.rtn.items()}), "rtn.safetensors")
-            except guards.DiskError as err:
-                failure = failure or err
-        log(f"test f1 {test_metrics['f1']:.2f} (best dev epoch {results['best_epoch']})  [{time.time() - t0:.0f}s]")
+def enter_backoff(run: Run) -> None:
+    """Paper sec. 4.6: continue the MetaXL model on joint-training data, no RTN, with a fresh
+    learning-rate schedule over the back-off epochs."""
+    from transformers import get_linear_schedule_with_warmup
 
+    cfg, learner = run.cfg, run.learner
+    learner.method = "jt"
+    if run.injector is not None:
+        run.injector.remove()
+    back_steps = run.steps_per_epoch * cfg.backoff_epochs
+    for group, lr in zip(learner.opt_theta.param_groups, (cfg.lr, cfg.head_lr or cfg.lr), strict=False):
+        group["lr"] = group["initial_lr"] = lr
+    learner.sched_theta = get_linear_schedule_with_warmup(learner.opt_theta, int(cfg.warmup * back_steps), back_steps)
+
+
+Plan = list[tuple[int | None, list[dict[str, Any]] | None]]
+"""An epoch's steps: (source index, source batch), or (None, None) for target-only."""
+
+
+def epoch_plan(run: Run, gen: torch.Generator) -> Plan:
+    """The epoch's source batches, each source shuffled and (with several sources) the batches mixed."""
+    cfg, sources = run.cfg, run.feats.sources
+    if cfg.method == "target-only":
+        return [(None, None) for _ in range(run.steps_per_epoch)]
+    plan: Plan = [(k, b) for k, f in enumerate(sources)
+                  for b in batches(f, cfg.batch_size, gen, group_by_length=cfg.group_by_length)]
+    order = torch.randperm(len(plan), generator=gen).tolist() if len(sources) > 1 else range(len(plan))
+    return [plan[i] for i in order]
+
+
+def follow_sweep_threads(run: Run, threads_file: ThreadsFile | None) -> None:
+    if threads_file is not None and (n := threads_file.poll()) is not None and n != torch.get_num_threads():
+        run.log(f"threads: {torch.get_num_threads()} -> {n} (set by the sweep through ${THREADS_FILE_ENV})")
+        torch.set_num_threads(n)
+
+
+def target_batches(run: Run, tgt_iter: TargetCycle) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The step's target batch and MetaXL's meta batch (None where the step splits one batch)."""
+    tgt = next(tgt_iter)
+    meta: list[dict[str, Any]] | None = None
+    if run.learner.method == "metaxl" and run.cfg.meta_batch == "separate":
+        meta = next(tgt_iter)
+    elif run.learner.method == "metaxl" and run.dist.enabled:
+        # split the *global* target batch (as meta.split_batch) so rank shards of each half
+        # concatenate to the single-process halves
+        tgt, meta = tgt[: len(tgt) // 2], tgt[len(tgt) // 2 :]
+    return tgt, meta
+
+
+def take_step(run: Run, state: RunState, record: EpochRecord, where: tuple[int, int], k: int | None,
+              src: list[dict[str, Any]] | None, tgt: list[dict[str, Any]], meta: list[dict[str, Any]] | None
+              ) -> bool:
+    """One step of the method on this process's shards, checked for non-finite values: recorded
+    (True), undone (``--on-nonfinite skip``: False), or the run fails (``state.failure``)."""
+    from . import guards
+    from .distributed import all_mean
+
+    cfg, learner = run.cfg, run.learner
+    src_b = run.on_device(src) if src is not None else None
+    meta_b = run.on_device(meta) if meta is not None else None
+    undo = _undo_point(run.model, run.injector, learner) if cfg.on_nonfinite == "skip" else None
+    stats = learner.step(src_b, k or 0, run.on_device(tgt), meta_b)
+    loss = all_mean(stats.loss)  # the global-batch loss; every rank takes the same decision
+    if (problem := guards.step_problem(loss, stats.phi_grad_norm, run.watched, cfg.precision)) is not None:
+        message = guards.divergence_message(problem, *where, cfg)
+        if undo is None:
+            state.failure = guards.Diverged(message)
+            return False
+        undo.restore()
+        record.nonfinite += 1
+        run.log(f"warning: step skipped: {message.partition('; or pass')[0]}")
+        return False
+    record.losses.append(loss)
+    if state.reporter is not None:
+        state.reporter.log_step(loss, stats, learner)
+    if stats.meta_loss is not None:
+        record.meta_losses.append(all_mean(stats.meta_loss))
+    if stats.phi_grad_norm is not None and math.isfinite(stats.phi_grad_norm):
+        record.phi_norms.append(stats.phi_grad_norm)  # already averaged across processes
+    if stats.meta_probe is not None:
+        record.probes.append(stats.meta_probe)
+    return True
+
+
+# ---------------------------------------------------------------------------- evaluate and select
+def end_epoch(run: Run, state: RunState, epoch: int, record: EpochRecord) -> None:
+    """Dev evaluation and model selection (the best dev epoch's weights kept), the epoch's row in
+    results.json and its log line, the training state saved for ``resume``."""
+    from . import guards
+
+    cfg, results = run.cfg, state.results
+    dev_metrics, _ = evaluate(run.model, run.data.task, run.data.dev, run.feats.dev, run.data.labels, run.pad_id,
+                              cfg.eval_batch_size, run.device, run.autocast)
+    row = epoch_row(run, state, epoch, record, dev_metrics)
+    if cfg.on_nonfinite == "skip":
+        row["nonfinite_skips"] = record.nonfinite
+        results["nonfinite_skips"] = results.get("nonfinite_skips", 0) + record.nonfinite
+    improved = dev_metrics["f1"] > state.best_f1
+    if improved:
+        state.best_f1 = dev_metrics["f1"]
+        state.best = Snapshot.take(run.model, run.injector)  # in back-off: the RTNs as the main phase left them
+        results.update(best_epoch=epoch, dev=dev_metrics, test=None)
+    row["seconds"] = time.time() - record.started
+    row["best"] = improved
+    results["epochs"].append(row)
+    if state.reporter is not None:
+        state.reporter.log_epoch(row)
+    run.log(f"epoch {epoch}/{run.total_epochs}: loss {row['train_loss'] or float('nan'):.4f}  dev f1 "
+            f"{dev_metrics['f1']:.2f}" + ("  (best)" if improved else "") + f"  [{row['seconds']:.0f}s]"
+            + rtn_log_line(row.get("rtn"))
+            + (f"  ({record.skipped} tail batches smaller than {run.dist.world_size} skipped)" if record.skipped else ""))
+    if run.writes:
+        write_json(run.out / "results.json", results)
+    if run.resume and cfg.save_state and epoch < run.total_epochs and not record.backoff and run.writes:
+        try:
+            _save_state(run.state_dir, run.model, run.injector, run.learner, state.gen, results, state.best,
+                        state.tgt_iter, state.rtn_start)
+        except guards.DiskError as err:
+            state.failure = err
+
+
+def epoch_row(run: Run, state: RunState, epoch: int, record: EpochRecord, dev_metrics: dict[str, Any]
+              ) -> dict[str, Any]:
+    """The epoch's losses, learning rates, dev metrics and (with RTNs, main phase) RTN diagnostics."""
+    learner = run.learner
+    row: dict[str, Any] = {
+        "epoch": epoch, "phase": "backoff" if record.backoff else "main", "steps": record.planned - record.skipped,
+        "train_loss": float(np.mean(record.losses)) if record.losses else None,
+        "meta_loss": float(np.mean(record.meta_losses)) if record.meta_losses else None,
+        # MetaXL: the median norm of the hypergradient (phi's gradient) over the epoch's steps
+        "phi_grad_norm": float(np.median(record.phi_norms)) if record.phi_norms else None,
+        "lr": learner.current_lr(), "dev": dev_metrics,
+    }
+    if run.injector is not None and not record.backoff:
+        row["rtn"] = rtn_diagnostics(run.model, run.injector, run.probe, state.rtn_start, run.autocast)
+        if learner.method == "metaxl":
+            row["rtn"].update(learner.hypergrad_stats.summary())
+            if probes := record.probes:
+                row["rtn"]["meta_loss_before"] = round(float(np.mean([b for b, _ in probes])), 6)
+                row["rtn"]["meta_loss_after"] = round(float(np.mean([a for _, a in probes])), 6)
+                # the change itself, unrounded: one phi step moves the meta loss by ~1e-6 or less
+                row["rtn"]["meta_step_change"] = float(np.mean([a - b for b, a in probes]))
+    return row
+
+
+# ---------------------------------------------------------------------------- finish
+def evaluate_test_set(run: Run, state: RunState) -> None:
+    """The test set, once, on the best dev epoch's weights (not after every improvement: for NER,
+    test sets of ~1,300 sentences made that half of a run's time on CPU), and the checkpoint."""
+    if state.best is None:
+        return
+    t0 = time.time()
+    state.best.restore(run.model, run.injector)
+    test_metrics, _ = evaluate(run.model, run.data.task, run.data.test, run.feats.test, run.data.labels,
+                               run.pad_id, run.cfg.eval_batch_size, run.device, run.autocast)
+    state.results["test"] = test_metrics
+    if state.reporter is not None:
+        state.reporter.log_test(test_metrics, state.results["best_epoch"])
+    if run.cfg.save_checkpoint and run.writes:
+        save_best(run, state, test_metrics)
+    run.log(f"test f1 {test_metrics['f1']:.2f} (best dev epoch {state.results['best_epoch']})  "
+            f"[{time.time() - t0:.0f}s]")
+
+
+def save_best(run: Run, state: RunState, test_metrics: dict[str, Any]) -> None:
+    """The best epoch's model as ``checkpoint/`` and its RTNs as ``rtn.safetensors``; a full disk
+    fails the run (``state.failure``) after the test metrics are recorded."""
+    from . import guards
+    from .checkpoint import save_checkpoint
+
+    results = state.results
+    try:
+        save_checkpoint(run.out / "checkpoint", run.model, run.tokenizer, run.data.task, run.data.labels,
+                        run.cfg.max_length, extra={"config": run.cfg.to_dict(), "epoch": results["best_epoch"],
+                                                   "dev": results["dev"], "test": test_metrics,
+                                                   "sizes": results["sizes"],
+                                                   "vocab_added": results.get("vocab_added")})
+        results["checkpoint"] = "checkpoint"
+        if state.best is not None and state.best.rtn is not None:
+            from safetensors.torch import save
+
+            guards.write_bytes_atomic(run.out / "rtn.safetensors", save(
+                {k: v.contiguous() for k, v in state.best.rtn.items()}), "rtn.safetensors")
+    except guards.DiskError as err:
+        state.failure = state.failure or err
+
+
+def finish(run: Run, state: RunState, artifacts: dict[str, Any] | None) -> dict[str, Any]:
+    """The final results.json (rank 0's on every process), the training state and the extended
+    tokenizer removed; the RTN hooks removed; the failure, if any, raised."""
+    from . import guards
+    from .distributed import broadcast_object
+
+    results, failure = state.results, state.failure
     results["status"] = "finished" if failure is None else "failed"
     if failure is not None:
         results["error"] = str(failure)
-    results["wall_seconds"] = elapsed_before + time.time() - t_start
+    results["wall_seconds"] = state.elapsed_before + time.time() - state.started
     results = broadcast_object(results)  # rank 0's results (its evaluation) on every rank
-    if writes:
+    if run.writes:
         try:
-            write_json(out / "results.json", results)
+            write_json(run.out / "results.json", results)
         except guards.DiskError:
             if failure is None:
                 raise
-        if state_dir.exists() and failure is None:
-            shutil.rmtree(state_dir)
-        if extension is not None and failure is None:  # kept for a resumed run only; the checkpoint holds it
-            shutil.rmtree(out / "extended_tokenizer", ignore_errors=True)
+        if run.state_dir.exists() and failure is None:
+            shutil.rmtree(run.state_dir)
+        if run.extension is not None and failure is None:  # kept for a resumed run only; the checkpoint holds it
+            shutil.rmtree(run.out / "extended_tokenizer", ignore_errors=True)
+    if run.injector is not None:
+        run.injector.remove()
+    if state.reporter is not None:
+        state.reporter.close()
     if failure is not None:
-        if injector is not None:
-            injector.remove()
-        if reporter is not None:
-            reporter.close()
         raise failure
-    if injector is not None:
-        injector.remove()
-    if reporter is not None:
-        reporter.close()
     if artifacts is not None:
-        artifacts.update(model=model, tokenizer=tokenizer, rtn=injector, data=data)
+        artifacts.update(model=run.model, tokenizer=run.tokenizer, rtn=run.injector, data=run.data)
     return results
 
 
@@ -835,3 +1084,6 @@ def _undo_point(model: Any, injector: Any, learner: Any) -> Any:
 
     return StepUndo.take([model, injector], [learner.opt_theta, learner.sched_theta, learner.opt_phi,
                                              learner.sched_phi, learner.scaler])
+
+
+sys.modules[__name__].__class__ = CallableModule  # metaxl.train(cfg) is metaxl.api.train (see metaxl.CallableModule)
