@@ -245,6 +245,15 @@ def test_bad_sweeps_raise_config_error(spec: dict, message: str) -> None:
         expand_sweep(spec)
 
 
+def test_an_invalid_setting_shared_by_many_runs_is_named_once() -> None:
+    spec = {"grid": {"methods": ["jt"], "seeds": [1, 2, 3]}, "base": {"source": [], "lr": 1e-4}}
+    with pytest.raises(ConfigError) as err:
+        expand_sweep(spec)
+    text = str(err.value)
+    assert text.count("needs at least one --source") == 1, text
+    assert "(3 runs, first method=jt, seed=1)" in text, text
+
+
 def test_effective_config_ignores_irrelevant_keys() -> None:
     a = effective_config(TrainConfig(method="jt", rtn_layers=[0], hypergrad="finite-difference"))
     b = effective_config(TrainConfig(method="jt"))

@@ -544,7 +544,7 @@ def expand_sweep(
     sources = _RelatedSources(spec.where, related)
     runs: list[PlannedRun] = []
     seen: dict[str, PlannedRun] = {}
-    errors: list[str] = []
+    errors: dict[str, list[str]] = {}  # message -> the runs it stops
     for combo in itertools.product(*(vals for _, vals in axes)):
         stats.combinations += 1
         raw = dict(zip(keys, combo, strict=True))
@@ -556,9 +556,7 @@ def expand_sweep(
         try:
             cfg.validate()
         except ConfigError as e:
-            msg = f"{e}"
-            if msg not in errors:
-                errors.append(f"{msg} (first in run {desc})")
+            errors.setdefault(f"{e}", []).append(desc)
             continue
         h = config_hash(cfg)
         if h in seen:
@@ -568,7 +566,8 @@ def expand_sweep(
         seen[h] = PlannedRun(name=run_name(cfg, extra_keys), config=cfg, axes=raw)
         runs.append(seen[h])
     if errors:
-        shown = "; ".join(errors[:5]) + (f"; ... {len(errors) - 5} more" if len(errors) > 5 else "")
+        lines = [f"{msg} ({f'{len(d)} runs, first' if len(d) > 1 else 'run'} {d[0]})" for msg, d in errors.items()]
+        shown = "; ".join(lines[:5]) + (f"; ... {len(lines) - 5} more" if len(lines) > 5 else "")
         raise ConfigError(f"{spec.where}: invalid run config(s): {shown}. Fix base:/grid: or add exclude: rules")
     _unique_names(runs)
     return runs
