@@ -68,6 +68,24 @@ def test_training_with_extend_vocab_saves_a_checkpoint_that_reloads_with_its_tok
     assert json.loads((tmp_path / "run" / "results.json").read_text())["vocab_added"] == res["vocab_added"]
 
 
+def test_frozen_embeddings_keep_the_new_rows_and_the_log_says_so(toy_data, tiny_model, unseen, tmp_path):
+    cfg = TrainConfig(target=str(unseen), source=[str(toy_data / "ner-src")], model=str(tiny_model),
+                      method="jt", extend_vocab=120, freeze_embeddings=True, epochs=1, batch_size=8,
+                      target_size=16, source_size=16, max_length=32, output_dir=str(tmp_path / "run"),
+                      progress=False, device="cpu")
+    lines: list[str] = []
+    res = train(cfg, log=lines.append)
+    assert any("--no-freeze-embeddings trains them" in str(line) for line in lines), lines
+    loaded = load_checkpoint(tmp_path / "run" / "checkpoint")
+    tok = load_tokenizer(str(tiny_model))
+    weight = loaded.model.get_input_embeddings().weight
+    for piece in [p for p in loaded.tokenizer.get_vocab() if p not in tok.get_vocab()][:5]:
+        ids = tok(piece_string(piece, tok), add_special_tokens=False)["input_ids"]
+        row = weight[loaded.tokenizer.convert_tokens_to_ids(piece)]
+        assert torch.allclose(row, weight[ids].mean(0)), piece  # still the mean of the (frozen) old rows
+    assert res["vocab_added"] > 0
+
+
 def test_a_resumed_run_reuses_the_saved_extension(tiny_model, unseen, tmp_path):
     from metaxl.data import resolve_dataset
 

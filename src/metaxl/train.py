@@ -507,6 +507,9 @@ def load_model_and_tokenizer(cfg: TrainConfig, data: PreparedData, resume: bool,
         extension = extend_vocabulary(model, tokenizer, data.target_train, cfg.extend_vocab, saved, broadcast_object)
         tokenizer = extension.tokenizer
         log(f"vocabulary: {len(extension.added)} target pieces added ({len(tokenizer)} in all)")
+        if cfg.freeze_embeddings and extension.added:
+            log("note: --freeze-embeddings keeps the new pieces' embeddings at their start (the mean of "
+                "their old pieces); --no-freeze-embeddings trains them")
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     _grad_ok(model)
