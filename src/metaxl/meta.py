@@ -526,7 +526,13 @@ class Learner:
         (the task head's ``head_lr``), so the virtual step scales each part as the real step does."""
         if not self.cfg.inner_lr_per_group:
             return [self.inner_lr()] * len(self.virtual_names)
-        lr_of = {id(p): float(group["lr"]) for group in self.opt_theta.param_groups for p in group["params"]}
+        return self._group_lrs("lr")
+
+    def _group_lrs(self, key: str) -> list[float]:
+        """Each :attr:`virtual_names` parameter's optimiser-group ``key`` (``lr``, or ``initial_lr``
+        falling back to ``lr`` before a scheduler sets it)."""
+        lr_of = {id(p): float(group.get(key, group["lr"])) for group in self.opt_theta.param_groups
+                 for p in group["params"]}
         return [lr_of[id(self.theta[n])] for n in self.virtual_names]
 
     def meta_factor(self, g_meta: list[torch.Tensor], lrs: list[float]) -> tuple[float, list[torch.Tensor]]:
@@ -539,10 +545,8 @@ class Learner:
             return lr_factor(g_meta, lrs)
         if not self.cfg.inner_lr_per_group:
             return 1.0, g_meta
-        start = {id(p): float(group.get("initial_lr", group["lr"]))
-                 for group in self.opt_theta.param_groups for p in group["params"]}
         ref = float(self.opt_theta.param_groups[0].get("initial_lr", self.opt_theta.param_groups[0]["lr"]))
-        rel = [start[id(self.theta[n])] / ref for n in self.virtual_names]
+        rel = [lr / ref for lr in self._group_lrs("initial_lr")]
         return (1.0, list(torch._foreach_mul(g_meta, rel))) if len(set(rel)) > 1 else (1.0, g_meta)
 
     def meta_loss_at_virtual(self, src: Batch | None, source: int, tgt: Batch | None, meta: Batch) -> float:
