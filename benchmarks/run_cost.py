@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a setting of the study in both ways (e.g. --set max_length=64); repeatable")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="keep the run folders (results.json, config.yaml, train.log) under DIR/<task>-<method>-<way> "
+                        "(default: a temporary folder); DIR must not hold them yet")
     args = p.parse_args(argv)
     args.pairs = {}
     for task in PAIRS:
@@ -134,7 +137,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["setting"] = (f"study settings, {args.epochs} epochs, dev {args.dev_size or 'all'}, test {args.test_size or 'all'}, "
                       f"sources {args.source_size or 200}, seed {args.seed}; fast = "
                       + ", ".join(f"{k}={v}" for k, v in WAYS["fast"].items()) + f"; {res['cpu']}")
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
+        raise SystemExit(f"--keep {args.keep}: the folder is not empty; its runs would be resumed, not timed")
+    with contextlib.ExitStack() as stack:
+        tmp = args.keep or stack.enter_context(tempfile.TemporaryDirectory())
         for task in args.tasks.split(","):
             for method in args.methods.split(","):
                 row: dict[str, Any] = {"task": task, "method": method}

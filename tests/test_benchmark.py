@@ -163,6 +163,25 @@ def test_run_cost_smoke(tiny_model, toy_data, tmp_path, capsys):
     assert "wall ratio" in text and "test f1 fast" in text and "precision=bf16" in text
 
 
+def test_run_cost_keeps_its_runs_as_sweep_runs(tiny_model, toy_data, tmp_path):
+    """--keep DIR leaves each run's folder (config.yaml, a finished results.json) so that a sweep can
+    take it as one of its runs; a folder that already holds runs is refused (they would be resumed,
+    not timed)."""
+    module = _companion("run_cost")
+    keep = tmp_path / "runs"
+    args = ["--model", str(tiny_model), "--epochs", "1", "--threads", "1", "--source-size", "24", "--tasks", "sa",
+            "--methods", "jt", "--sa-data", f"{toy_data / 'sa-tgt'},{toy_data / 'sa-src'}", "--keep", str(keep),
+            "--set", "max_length=32"]
+    module.main(args)
+    assert sorted(p.name for p in keep.iterdir()) == ["sa-jt-default", "sa-jt-fast"]
+    for way, precision in (("default", "fp32"), ("fast", "bf16")):
+        res = json.loads((keep / f"sa-jt-{way}" / "results.json").read_text())
+        assert res["status"] == "finished" and res["config"]["precision"] == precision
+        assert (keep / f"sa-jt-{way}" / "config.yaml").exists()
+    with pytest.raises(SystemExit, match="not empty"):
+        module.main(args)
+
+
 def test_epoch_split_smoke(tiny_model, toy_data, tmp_path, capsys):
     """benchmarks/epoch_split.py: every phase of a resumable run is timed (one state save for 2 epochs)."""
     module = _companion("epoch_split")

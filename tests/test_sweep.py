@@ -26,6 +26,7 @@ from metaxl.config import TrainConfig
 from metaxl.errors import ConfigError, DataError, MetaXLError
 from metaxl.sweep import (
     ExpansionStats,
+    config_hash,
     effective_config,
     expand_sweep,
     load_sweep,
@@ -260,6 +261,18 @@ def test_effective_config_ignores_irrelevant_keys() -> None:
     assert a == b
     c = effective_config(TrainConfig(method="metaxl", rtn_layers=[12, 0]))
     assert c["rtn_layers"] == [0, 12]
+
+
+def test_task_auto_is_the_same_run_as_the_task_its_corpus_names() -> None:
+    # the study's runs (task: ner) count as finished for a sweep that writes task: auto
+    auto = TrainConfig(task="auto", target="masakhaner2:bam", source=["masakhaner2:en"], method="jt")
+    ner = TrainConfig(task="ner", target="masakhaner2:bam", source=["masakhaner2:en"], method="jt")
+    assert effective_config(auto)["task"] == "ner"
+    assert config_hash(auto) == config_hash(ner)
+    sa = TrainConfig(task="sa", target="masakhaner2:bam", source=["masakhaner2:en"], method="jt")
+    assert config_hash(sa) != config_hash(auto)
+    local = effective_config(TrainConfig(task="auto", target="data/my-corpus", method="target-only"))
+    assert local["task"] == "auto"                       # no corpus name to read: left as written
 
 
 def test_example_sweeps_expand() -> None:

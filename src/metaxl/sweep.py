@@ -224,7 +224,9 @@ def effective_config(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
 
     target-only ignores sources and the RTN; jt ignores the RTN and meta keys; jt-rtn ignores the
     meta-gradient keys; ``fd_epsilon`` only matters for finite-difference; ``rtn_per_source`` only
-    with several sources. RTN layers are sorted.
+    with several sources. RTN layers are sorted. ``task: auto`` reads as the task its target's
+    corpus names (``infer_task``), so a run written with ``task: ner`` and one with ``auto`` on the
+    same NER corpus are the same run.
 
     >>> eff = effective_config({"method": "target-only", "source": ["masakhaner2:en"], "rtn_layers": [0]})
     >>> eff["source"], eff["source_size"], eff["rtn_layers"]
@@ -245,6 +247,8 @@ def effective_config(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         reset += [k for k in META_KEYS]
     for key in reset:
         d[key] = _DEFAULTS[key]
+    if d.get("task") == "auto" and isinstance(d.get("target"), str) and ":" in d["target"]:
+        d["task"] = _TASK_BY_PREFIX.get(d["target"].split(":", 1)[0].lower(), "auto")
     if d.get("hypergrad") != "finite-difference":
         d["fd_epsilon"] = _DEFAULTS["fd_epsilon"]
     if len(d.get("source") or []) < 2:
