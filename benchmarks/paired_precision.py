@@ -17,12 +17,15 @@ import argparse
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 WAY_KEYS = ("precision", "group_by_length")
-IGNORED = (*WAY_KEYS, "output_dir", "progress", "device")
+IGNORED = (*WAY_KEYS, "device")
+"""Keys a pair may differ in, beyond ``metaxl.sweep.NON_SEMANTIC_KEYS`` (output folder, progress, ...).
+A pair's configs are compared as ``metaxl.sweep.effective_config`` gives them, so a run written by an
+older metaxl (without the keys added since, i.e. at their defaults) pairs with today's."""
 
 
 def way_of(config: dict[str, Any]) -> str:
@@ -51,32 +54,71 @@ def mean_ci(diffs: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def pairs(runs_dir: Path, metric: str = "f1") -> dict[tuple[str, str], list[float]]:
-    """Differences fast - default of the test ``metric``, by (task, method)."""
+def pair_key(config: dict[str, Any]) -> str:
+    """What a default run and its fast twin share: the effective config less the way and the device.
+
+    >>> a = pair_key({"target": "nusax:balinese", "task": "auto", "method": "jt", "precision": "bf16",
+    ...               "group_by_length": True, "output_dir": "runs/a", "device": "cpu"})
+    >>> a == pair_key({"target": "nusax:balinese", "task": "sa", "method": "jt", "device": "cuda"})
+    True
+    """
+    from metaxl.sweep import NON_SEMANTIC_KEYS, effective_config
+
+    eff = effective_config(config)
+    return json.dumps({k: v for k, v in eff.items() if k not in IGNORED and k not in NON_SEMANTIC_KEYS},
+                      sort_keys=True, default=str)
+
+
+def paired_runs(runs_dir: Path) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """(default, fast) results.json pairs under ``runs_dir``, by (task, method)."""
     by_key: dict[str, dict[str, Any]] = defaultdict(dict)
     for path in sorted(runs_dir.rglob("results.json")):
         res = json.loads(path.read_text())
         if res.get("status") != "finished" or not res.get("test"):
             continue
-        cfg = res["config"]
-        key = json.dumps({k: v for k, v in cfg.items() if k not in IGNORED}, sort_keys=True)
-        by_key[key][way_of(cfg)] = res
-    out: dict[tuple[str, str], list[float]] = defaultdict(list)
+        by_key[pair_key(res["config"])][way_of(res["config"])] = res
+    out: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
     for ways in by_key.values():
         if "default" in ways and "fast" in ways:
-            d, f = ways["default"], ways["fast"]
-            out[(d["task"], d["method"])].append(float(f["test"][metric]) - float(d["test"][metric]))
+            out[(ways["default"]["task"], ways["default"]["method"])].append((ways["default"], ways["fast"]))
     return dict(out)
 
 
-def report(diffs: dict[tuple[str, str], list[float]], metric: str) -> str:
-    lines = [f"{'task':<5} {'method':<7} {'pairs':>5} {'mean diff (fast - default) ' + metric:>36} {'95% CI':>18}"]
-    rows = sorted(diffs.items()) + [(("all", ""), [d for v in diffs.values() for d in v])]
-    for (task, method), ds in rows:
-        if not ds:
+def pairs(runs_dir: Path, metric: str = "f1") -> dict[tuple[str, str], list[float]]:
+    """Differences fast - default of the test ``metric``, by (task, method)."""
+    return {k: [float(f["test"][metric]) - float(d["test"][metric]) for d, f in v]
+            for k, v in paired_runs(runs_dir).items()}
+
+
+def seed_sd(runs: list[dict[str, Any]], metric: str) -> float:
+    """Seed-to-seed spread: the pooled standard deviation over seeds within each target (and source).
+
+    >>> runs = [{"target": "a", "source": ["s"], "test": {"f1": v}} for v in (1.0, 3.0)]
+    >>> seed_sd(runs + [{"target": "b", "source": ["s"], "test": {"f1": v}} for v in (5.0, 5.0)], "f1")
+    1.0
+    """
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        groups[json.dumps([r.get("target"), r.get("source")])].append(float(r["test"][metric]))
+    ss = sum(sum((x - statistics.fmean(v)) ** 2 for x in v) for v in groups.values())
+    dof = sum(len(v) - 1 for v in groups.values())
+    return math.sqrt(ss / dof) if dof else math.nan
+
+
+def report(runs: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]], metric: str) -> str:
+    """One line per task and method and one for all: pairs, mean difference, 95% CI, the default
+    runs' seed spread (what "within seed noise" is measured against) and where the defaults ran."""
+    lines = [f"{'task':<5} {'method':<7} {'pairs':>5} {'mean diff (fast - default) ' + metric:>36} {'95% CI':>18} "
+             f"{'seed sd':>7}  default runs on"]
+    rows = sorted(runs.items()) + [(("all", ""), [p for v in runs.values() for p in v])]
+    for (task, method), ps in rows:
+        if not ps:
             continue
-        m, lo, hi = mean_ci(ds)
-        lines.append(f"{task:<5} {method:<7} {len(ds):5d} {m:+36.2f} {f'[{lo:+.2f}, {hi:+.2f}]':>18}")
+        m, lo, hi = mean_ci([float(f["test"][metric]) - float(d["test"][metric]) for d, f in ps])
+        sd = seed_sd([d for d, _ in ps], metric)
+        devices = Counter(str(d.get("device", "?")) for d, _ in ps)
+        lines.append(f"{task:<5} {method:<7} {len(ps):5d} {m:+36.2f} {f'[{lo:+.2f}, {hi:+.2f}]':>18} {sd:7.2f}  "
+                     + ", ".join(f"{k} {n}" for k, n in sorted(devices.items())))
     return "\n".join(lines)
 
 
@@ -87,12 +129,12 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[float]]:
     args = p.parse_args(argv)
     if not args.runs_dir.is_dir():
         raise SystemExit(f"{args.runs_dir} is not a folder of runs")
-    diffs = pairs(args.runs_dir, args.metric)
-    if not diffs:
+    runs = paired_runs(args.runs_dir)
+    if not runs:
         raise SystemExit(f"no finished default/fast pairs under {args.runs_dir} (a pair: same config but "
                          "precision fp32 + shuffled batches, and bf16 + group_by_length)")
-    print(report(diffs, args.metric))
-    return diffs
+    print(report(runs, args.metric))
+    return {k: [float(f["test"][args.metric]) - float(d["test"][args.metric]) for d, f in v] for k, v in runs.items()}
 
 
 if __name__ == "__main__":

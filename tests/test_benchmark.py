@@ -215,6 +215,26 @@ def test_paired_precision_pairs_fast_and_default_runs(tmp_path, capsys):
     assert diffs == {("ner", "jt"): [1.0, -1.0, 3.0]}
     out = capsys.readouterr().out
     assert "+1.00" in out and "[-3.97, +5.97]" in out
+    assert " 10.00  ? 3" in out  # the default runs' seed sd (50, 60, 40) and where they ran
+
+
+def test_paired_precision_pairs_an_older_default_run_with_todays_fast_one(tmp_path, capsys):
+    """A default run written by an older metaxl (task: ner, without the keys added since) is the twin
+    of today's fast run (task: auto, every key written): configs are compared as effective configs."""
+    module = _companion("paired_precision")
+    from metaxl.config import TrainConfig
+
+    today = TrainConfig(target="masakhaner2:bam", source=["masakhaner2:en"], method="jt", seed=1).to_dict()
+    old = {k: v for k, v in today.items() if k not in ("rtn_init", "source_weight", "hypergrad_scale")}
+    old.update(task="ner", output_dir="study/run", device="auto")
+    fast = {**today, "precision": "bf16", "group_by_length": True, "output_dir": "fast/run", "device": "cpu"}
+    for name, cfg, f1, device in (("old", old, 50.0, "cuda"), ("fast", fast, 48.5, "cpu")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"status": "finished", "config": cfg, "task": "ner", "method": "jt", "target": cfg["target"],
+             "source": cfg["source"], "device": device, "test": {"f1": f1}}))
+    assert module.main([str(tmp_path)]) == {("ner", "jt"): [-1.5]}
+    assert "cuda 1" in capsys.readouterr().out
 
 
 def test_bf16_step_smoke(tiny_model, capsys):
