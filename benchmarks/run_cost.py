@@ -13,6 +13,10 @@ measurement (say so when quoting it):
 
     OMP_NUM_THREADS=1 python benchmarks/run_cost.py --threads 1                      # the whole study setting
     OMP_NUM_THREADS=1 python benchmarks/run_cost.py --threads 1 --epochs 1 --dev-size 100 --test-size 200
+
+On two cores, the tasks can run as two invocations side by side (``--tasks ner --json a.json`` and
+``--tasks sa --json b.json``: each pair still runs back to back in one process) and
+``--combine a.json b.json`` prints their rows as one table, with the total.
 """
 
 from __future__ import annotations
@@ -96,8 +100,26 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def combine(paths: list[str]) -> dict[str, Any]:
+    """The rows of several ``--json`` files as one result (machine and setting from the first).
+
+    Refused when they were measured on different machines, torch builds or settings (but the tasks):
+    their ratios would not be side by side.
+    """
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        for key in ("machine", "cores", "torch", "torch_threads", "setting"):
+            if part.get(key) != first.get(key):
+                raise SystemExit(f"--combine: {path} differs from {paths[0]} in {key} "
+                                 f"({part.get(key)!r} vs {first.get(key)!r}); only runs of one machine and setting combine")
+    return {**first, "runs": [row for part in parts for row in part["runs"]], "combined": list(paths)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="print the rows of these --json files as one table (no runs)")
     p.add_argument("--tasks", default="ner,sa", help="comma list of ner, sa")
     p.add_argument("--methods", default="jt,metaxl", help="comma list of target-only, jt, jt-rtn, metaxl")
     p.add_argument("--epochs", type=int, default=10, help="the study's 10 by default")
@@ -128,6 +150,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.combine:
+        combined = combine(args.combine)
+        print(report(combined))
+        if args.json:
+            Path(args.json).write_text(json.dumps(combined, indent=1))
+        return combined
     if args.threads:
         torch.set_num_threads(args.threads)
     from metaxl.precision import describe_cpu

@@ -182,6 +182,28 @@ def test_run_cost_keeps_its_runs_as_sweep_runs(tiny_model, toy_data, tmp_path):
         module.main(args)
 
 
+def test_run_cost_combines_two_invocations_into_one_table(tmp_path, capsys):
+    """--combine prints the rows of two --json files (NER and SA measured side by side) as one table
+    with the total over both; files from different machines are refused."""
+    module = _companion("run_cost")
+    machine = {"machine": "CPU (x)", "cores": 2, "torch": "2.13.0+cpu", "torch_threads": 1, "setting": "study"}
+
+    def row(task, method, d, f):
+        way = lambda wall, f1: {"wall_s": wall, "cpu_s": wall, "test_f1": f1, "phases_s": {"train steps": wall}}  # noqa: E731
+        return {"task": task, "method": method, "default": way(d, 50.0), "fast": way(f, 51.0)}
+
+    a, b, c = tmp_path / "ner.json", tmp_path / "sa.json", tmp_path / "other.json"
+    a.write_text(json.dumps({**machine, "runs": [row("ner", "jt", 900, 300), row("ner", "metaxl", 2000, 600)]}))
+    b.write_text(json.dumps({**machine, "runs": [row("sa", "jt", 1000, 400)]}))
+    c.write_text(json.dumps({**machine, "machine": "CPU (y)", "runs": []}))
+    res = module.main(["--combine", str(a), str(b)])
+    assert [r["task"] for r in res["runs"]] == ["ner", "ner", "sa"]
+    out = capsys.readouterr().out
+    assert "all" in out and "3900" in out and "1300" in out and "0.33" in out  # 1300 / 3900
+    with pytest.raises(SystemExit, match="differs .* in machine"):
+        module.main(["--combine", str(a), str(c)])
+
+
 def test_epoch_split_smoke(tiny_model, toy_data, tmp_path, capsys):
     """benchmarks/epoch_split.py: every phase of a resumable run is timed (one state save for 2 epochs)."""
     module = _companion("epoch_split")
