@@ -105,11 +105,12 @@ class Timers:
         return lambda: setattr(owner, attr, original)
 
 
-PHASES = ("train steps", "collate", "dev eval", "state save", "snapshot", "results.json", "test eval")
+PHASES = ("train steps", "step guard", "collate", "dev eval", "state save", "snapshot", "results.json", "test eval")
 
 
 def run(cfg: Any, profile: int = 0) -> dict[str, Any]:
     """Train ``cfg`` (with ``resume=True``, as sweeps do) and return the time of each phase."""
+    import metaxl.guards
     import metaxl.meta
     import metaxl.tasks
     import metaxl.train as tr
@@ -117,6 +118,7 @@ def run(cfg: Any, profile: int = 0) -> dict[str, Any]:
     timers = Timers()
     undo = [
         timers.wrap(metaxl.meta.Learner, "step", "train steps"),
+        timers.wrap(metaxl.guards, "step_problem", "step guard"),
         timers.wrap(metaxl.tasks, "collate", "collate"),
         timers.wrap(tr, "_save_state", "state save"),
         timers.wrap(tr.Snapshot, "take", "snapshot"),

@@ -90,7 +90,7 @@ def report(res: dict[str, Any]) -> str:
     d, f = total["default"], total["fast"]
     lines.append(f"{'all':<12} {d['wall_s']:9.0f} {f['wall_s']:7.0f} {f['wall_s'] / d['wall_s']:10.2f} "
                  f"{f['cpu_s'] / d['cpu_s']:9.2f}")
-    phases = ("train steps", "dev eval", "test eval", "state save", "setup and other")
+    phases = ("train steps", "step guard", "dev eval", "test eval", "state save", "setup and other")
     lines += ["", "wall seconds by phase (default -> fast)",
               f"{'task':<4} {'method':<7} " + " ".join(f"{p:>17}" for p in phases)]
     for row in res["runs"]:

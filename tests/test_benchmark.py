@@ -204,6 +204,14 @@ def test_run_cost_combines_two_invocations_into_one_table(tmp_path, capsys):
         module.main(["--combine", str(a), str(c)])
 
 
+def test_guard_cost_smoke(tiny_model, capsys):
+    """benchmarks/guard_cost.py: the weight guard's scan before and after the fix, on the same model."""
+    module = _companion("guard_cost")
+    res = module.main(["--model", str(tiny_model), "--rounds", "1", "--threads", "1"])
+    assert 0 < res["trained"] < res["weights"] and len(res["seconds"]) == 2
+    assert "ratio now / before" in capsys.readouterr().out
+
+
 def test_epoch_split_smoke(tiny_model, toy_data, tmp_path, capsys):
     """benchmarks/epoch_split.py: every phase of a resumable run is timed (one state save for 2 epochs)."""
     module = _companion("epoch_split")
