@@ -47,6 +47,26 @@ def test_new_pieces_are_added_and_initialised_from_the_old_pieces(tiny_model, un
         assert torch.allclose(row, old[ids].mean(0)), piece
 
 
+def test_resizing_sets_every_new_row_itself_and_says_nothing_of_a_normal_draw(tiny_model, caplog):
+    """Rows that no added piece names (a tokenizer grown by other tokens) are the mean of the old rows,
+    not transformers' multivariate-normal draw, whose log line would misdescribe the extension."""
+    import logging
+
+    from metaxl.vocab import resize_embeddings
+
+    tok = load_tokenizer(str(tiny_model))
+    model = load_model(str(tiny_model), "ner", ["O", "B-PER", "I-PER"])
+    old = model.get_input_embeddings().weight.detach().clone()
+    grown = load_tokenizer(str(tiny_model))
+    grown.add_tokens(["zqzq", "qzqz"])
+    with caplog.at_level(logging.INFO):
+        resize_embeddings(model, tok, grown, added=["zqzq"])
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == len(old) + 2
+    assert torch.allclose(weight[grown.convert_tokens_to_ids("qzqz")], old.mean(0))
+    assert "multivariate normal" not in caplog.text
+
+
 def test_training_with_extend_vocab_saves_a_checkpoint_that_reloads_with_its_tokenizer(
         toy_data, tiny_model, unseen, tmp_path):
     cfg = TrainConfig(target=str(unseen), source=[str(toy_data / "ner-src")], model=str(tiny_model),

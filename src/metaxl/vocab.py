@@ -131,10 +131,13 @@ def resize_embeddings(model: Any, old_tokenizer: Any, new_tokenizer: Any, added:
     emb = model.get_input_embeddings()
     old_rows = emb.weight.detach().clone()
     new_size = max(len(new_tokenizer), old_rows.shape[0])
-    model.resize_token_embeddings(new_size)
+    # no mean_resizing: its covariance over 250k rows is wasted on rows set here, and it logs that
+    # the new rows are drawn from a normal distribution, which they are not
+    model.resize_token_embeddings(new_size, mean_resizing=False)
     weight = model.get_input_embeddings().weight
     special = set(getattr(old_tokenizer, "all_special_ids", []) or [])
     with torch.no_grad():
+        weight[old_rows.shape[0]:] = old_rows.mean(0)  # a row no added piece names: the mean of all
         for piece in added:
             new_id = new_tokenizer.convert_tokens_to_ids(piece)
             ids = [i for i in old_tokenizer(piece_string(piece, old_tokenizer), add_special_tokens=False)["input_ids"]
