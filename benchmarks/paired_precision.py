@@ -84,10 +84,14 @@ def paired_runs(runs_dir: Path) -> dict[tuple[str, str], list[tuple[dict[str, An
     return dict(out)
 
 
+def differences(ps: list[tuple[dict[str, Any], dict[str, Any]]], metric: str) -> list[float]:
+    """fast - default of the test ``metric``, one per (default, fast) pair."""
+    return [float(f["test"][metric]) - float(d["test"][metric]) for d, f in ps]
+
+
 def pairs(runs_dir: Path, metric: str = "f1") -> dict[tuple[str, str], list[float]]:
     """Differences fast - default of the test ``metric``, by (task, method)."""
-    return {k: [float(f["test"][metric]) - float(d["test"][metric]) for d, f in v]
-            for k, v in paired_runs(runs_dir).items()}
+    return {k: differences(v, metric) for k, v in paired_runs(runs_dir).items()}
 
 
 def seed_sd(runs: list[dict[str, Any]], metric: str) -> float:
@@ -114,7 +118,7 @@ def report(runs: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]
     for (task, method), ps in rows:
         if not ps:
             continue
-        m, lo, hi = mean_ci([float(f["test"][metric]) - float(d["test"][metric]) for d, f in ps])
+        m, lo, hi = mean_ci(differences(ps, metric))
         sd = seed_sd([d for d, _ in ps], metric)
         devices = Counter(str(d.get("device", "?")) for d, _ in ps)
         lines.append(f"{task:<5} {method:<7} {len(ps):5d} {m:+36.2f} {f'[{lo:+.2f}, {hi:+.2f}]':>18} {sd:7.2f}  "
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[float]]:
         raise SystemExit(f"no finished default/fast pairs under {args.runs_dir} (a pair: same config but "
                          "precision fp32 + shuffled batches, and bf16 + group_by_length)")
     print(report(runs, args.metric))
-    return {k: [float(f["test"][args.metric]) - float(d["test"][args.metric]) for d, f in v] for k, v in runs.items()}
+    return {k: differences(v, args.metric) for k, v in runs.items()}
 
 
 if __name__ == "__main__":

@@ -247,8 +247,8 @@ def effective_config(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         reset += [k for k in META_KEYS]
     for key in reset:
         d[key] = _DEFAULTS[key]
-    if d.get("task") == "auto" and isinstance(d.get("target"), str) and ":" in d["target"]:
-        d["task"] = _TASK_BY_PREFIX.get(d["target"].split(":", 1)[0].lower(), "auto")
+    if d.get("task") == "auto":
+        d["task"] = _task_of_target(d.get("target"))
     if d.get("hypergrad") != "finite-difference":
         d["fd_epsilon"] = _DEFAULTS["fd_epsilon"]
     if len(d.get("source") or []) < 2:
@@ -280,9 +280,12 @@ def infer_task(cfg: TrainConfig) -> str:
     >>> infer_task(TrainConfig(target="nusax:balinese"))
     'sa'
     """
-    if cfg.task != "auto":
-        return cfg.task
-    prefix = cfg.target.split(":", 1)[0].lower() if ":" in cfg.target else ""
+    return cfg.task if cfg.task != "auto" else _task_of_target(cfg.target)
+
+
+def _task_of_target(target: Any) -> str:
+    """'ner' / 'sa' from a ``corpus:lang`` target's corpus name; 'auto' if it names none."""
+    prefix = target.split(":", 1)[0].lower() if isinstance(target, str) and ":" in target else ""
     return _TASK_BY_PREFIX.get(prefix, "auto")
 
 

@@ -249,9 +249,12 @@ def _encode_ner(examples: Sequence[Example], tokenizer: Any, label2id: Mapping[s
 def _tokenize_words(tokenizer: Any, words: list[str], max_length: int) -> tuple[Any, list[int | None], list[int]]:
     """The encoding of a word list, its word ids and each word's first position; words that give no
     pieces are replaced (in ``words``) by the unknown token, when the tokenizer has one."""
-    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-    wids = _word_ids(enc, tokenizer)
-    first = _first_positions(wids, len(words))
+    def encode_words() -> tuple[Any, list[int | None], list[int]]:
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+        wids = _word_ids(enc, tokenizer)
+        return enc, wids, _first_positions(wids, len(words))
+
+    enc, wids, first = encode_words()
     if getattr(tokenizer, "unk_token", None) and words:
         # a word without a position produced no pieces, unless it was truncated away (words
         # after the last one seen, when the encoding is full)
@@ -261,9 +264,7 @@ def _tokenize_words(tokenizer: Any, words: list[str], max_length: int) -> tuple[
         if empty:
             for w in empty:
                 words[w] = tokenizer.unk_token
-            enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-            wids = _word_ids(enc, tokenizer)
-            first = _first_positions(wids, len(words))
+            enc, wids, first = encode_words()
     return enc, wids, first
 
 

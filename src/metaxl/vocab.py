@@ -136,13 +136,15 @@ def resize_embeddings(model: Any, old_tokenizer: Any, new_tokenizer: Any, added:
     model.resize_token_embeddings(new_size, mean_resizing=False)
     weight = model.get_input_embeddings().weight
     special = set(getattr(old_tokenizer, "all_special_ids", []) or [])
+    mean = old_rows.mean(0)
     with torch.no_grad():
-        weight[old_rows.shape[0]:] = old_rows.mean(0)  # a row no added piece names: the mean of all
+        weight[old_rows.shape[0]:] = mean  # a row no added piece names: the mean of all
         for piece in added:
             new_id = new_tokenizer.convert_tokens_to_ids(piece)
             ids = [i for i in old_tokenizer(piece_string(piece, old_tokenizer), add_special_tokens=False)["input_ids"]
                    if i not in special and i < old_rows.shape[0]]
-            weight[new_id] = old_rows[ids].mean(0) if ids else old_rows.mean(0)
+            # an added piece may take a row the old matrix had spare (e5: ids 250002 on, 250037 rows)
+            weight[new_id] = old_rows[ids].mean(0) if ids else mean
 
 
 def extend_vocabulary(model: Any, tokenizer: Any, examples: Sequence[Any], size: int,
